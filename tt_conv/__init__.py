@@ -1,0 +1,18 @@
+"""tt-conv: factorized (CP, Tucker, tensor-train) convolutions for PyTorch.
+
+The public API is re-exported here.
+"""
+
+from . import decompose, rank
+from .layers import CPConv, FactorizedConv, TTConv, TuckerConv
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FactorizedConv",
+    "CPConv",
+    "TuckerConv",
+    "TTConv",
+    "decompose",
+    "rank",
+]

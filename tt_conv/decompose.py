@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import tensorly as tl
 import torch
+from tensorly.cp_tensor import CPTensor
 from tensorly.decomposition import parafac, partial_tucker, tensor_train
 
 from .rank import max_cp_rank
@@ -69,14 +70,72 @@ def exact_cp(tensor: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     return torch.ones(rank, dtype=tensor.dtype, device=tensor.device), factors
 
 
+def _rank_one(tensor: torch.Tensor) -> List[torch.Tensor]:
+    """Vectors whose outer product best approximates ``tensor`` (truncated HOSVD, rank 1)."""
+    vectors = []
+    for mode in range(tensor.dim()):
+        unfolding = tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
+        u, _, _ = torch.linalg.svd(unfolding, full_matrices=False)
+        vectors.append(u[:, 0])
+    scale = tensor
+    for vector in vectors:
+        scale = torch.tensordot(vector, scale, dims=([0], [0]))
+    vectors[0] = vectors[0] * scale
+    return vectors
+
+
+def gevd_init(tensor: torch.Tensor, rank: int) -> Optional[Tuple[torch.Tensor, List[torch.Tensor]]]:
+    """An algebraic CP initialisation by a generalized eigenvalue decomposition.
+
+    For a tensor of exact CP rank ``R`` no larger than its two largest dimensions ``I_a``
+    and ``I_b``, project it on the leading ``R`` singular vectors of modes ``a`` and ``b``,
+    combine the remaining modes into two ``R x R`` slices ``S_1 = A D_1 B^T`` and
+    ``S_2 = A D_2 B^T`` (``D`` diagonal), and read ``A`` off the eigenvectors of
+    ``S_1 S_2^{-1} = A D_1 D_2^{-1} A^{-1}``. The other factors follow by least squares
+    and a rank-one fit per term. Exact for exactly low-rank tensors in general position,
+    a good start otherwise; ``None`` where it does not apply.
+    """
+    shape = tuple(tensor.shape)
+    order = sorted(range(len(shape)), key=lambda i: -shape[i])
+    a, b = order[0], order[1]
+    rest = [i for i in range(len(shape)) if i not in (a, b)]
+    if rank > shape[b] or rank < 2 or math.prod(shape[i] for i in rest) < 2:
+        return None
+    t3 = tensor.permute(a, b, *rest).reshape(shape[a], shape[b], -1)
+    u_a = torch.linalg.svd(t3.reshape(shape[a], -1), full_matrices=False)[0][:, :rank]
+    u_b = torch.linalg.svd(t3.transpose(0, 1).reshape(shape[b], -1), full_matrices=False)[0][:, :rank]
+    core = torch.einsum("ijk,ir,js->rsk", t3, u_a, u_b)
+    # The two dominant combinations of the remaining modes' slices.
+    weights = torch.linalg.svd(core.reshape(rank * rank, -1), full_matrices=False)[2][:2]
+    s1 = torch.einsum("rsk,k->rs", core, weights[0])
+    s2 = torch.einsum("rsk,k->rs", core, weights[1])
+    try:
+        eigenvectors = torch.linalg.eig(torch.linalg.solve(s2.T, s1.T).T)[1]
+    except RuntimeError:  # singular slice: no algebraic start
+        return None
+    factor_a = u_a @ eigenvectors.real.to(tensor.dtype)
+    factor_a = factor_a / torch.linalg.vector_norm(factor_a, dim=0).clamp_min(1e-300)
+    # Least squares for the Khatri-Rao product of the other modes, then one rank-one fit
+    # per term.
+    unfolding = tensor.movedim(a, 0).reshape(shape[a], -1)
+    others = torch.linalg.lstsq(factor_a, unfolding).solution  # (R, prod(other dims))
+    other_modes = [i for i in range(len(shape)) if i != a]
+    columns = [_rank_one(others[r].reshape([shape[i] for i in other_modes])) for r in range(rank)]
+    factors: List[torch.Tensor] = [None] * len(shape)  # type: ignore[list-item]
+    factors[a] = factor_a
+    for position, mode in enumerate(other_modes):
+        factors[mode] = torch.stack([column[position] for column in columns], dim=1)
+    return torch.ones(rank, dtype=tensor.dtype, device=tensor.device), factors
+
+
 def cp(
     kernel: torch.Tensor,
     rank: int,
     *,
     n_iter_max: int = 100,
     ridge: Sequence[float] = (1e-3, 1e-5, 1e-7),
-    tol: float = 1e-12,
-    init: str = "svd",
+    tol: float = 1e-9,
+    init="auto",
     linesearch: bool = False,
     random_state: Optional[int] = 0,
     precision: Optional[str] = "float64",
@@ -102,7 +161,10 @@ def cp(
         ALS iterations per stage.
     ridge : sequence of float
         Relative ridge penalty of each stage; ``(0,)`` is plain ALS.
-    tol, init, linesearch, random_state
+    init : {"auto", "svd", "random"} or CPTensor
+        ``"auto"`` runs ALS from TensorLy's SVD start and from :func:`gevd_init` (where it
+        applies) and keeps the better result; anything else goes to ``parafac`` as is.
+    tol, linesearch, random_state
         Passed to :func:`tensorly.decomposition.parafac`.
     precision : {"float64", "float32", None}
         Working precision (see :func:`working_dtype`); ALS needs float64 to converge
@@ -118,6 +180,28 @@ def cp(
     tensor = _prepare(kernel, precision)
     if rank >= max_cp_rank(tensor.shape):
         return exact_cp(tensor)
+    options = dict(n_iter_max=n_iter_max, tol=tol, linesearch=linesearch,
+                   random_state=random_state)
+    candidates = []
+    if init == "auto":
+        candidates.append(_staged_als(tensor, rank, "svd", ridge=ridge, **options))
+        algebraic = gevd_init(tensor, rank)
+        if algebraic is not None:
+            # An algebraic start is already close: only the light last stage polishes it,
+            # and the start itself competes (it is exact for exactly low-rank kernels).
+            candidates.append(algebraic)
+            candidates.append(
+                _staged_als(tensor, rank, CPTensor(algebraic), ridge=tuple(ridge)[-1:], **options)
+            )
+    else:
+        candidates.append(_staged_als(tensor, rank, init, ridge=ridge, **options))
+    with tl.backend_context("pytorch"):
+        errors = [relative_error(tl.cp_to_tensor(c), tensor) for c in candidates]
+    weights, factors = candidates[errors.index(min(errors))]
+    return weights, list(factors)
+
+
+def _staged_als(tensor, rank, init, *, n_iter_max, ridge, tol, linesearch, random_state):
     n = tensor.dim()
     # Gram matrices of the other factors scale as ||T||^(2(n-1)/n) once the terms are
     # balanced, so this makes the ridge independent of the kernel's magnitude.

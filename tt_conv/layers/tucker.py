@@ -65,7 +65,7 @@ class TuckerConv(FactorizedConv, factorization="tucker"):
             dim = 3 + axis
             # (g, ..., s) @ (g, 1.., s, k): contract this spatial mode with its factor.
             moved = core.movedim(dim, -1)
-            view = [factor.shape[0]] + [1] * (moved.dim() - 3) + list(factor.shape[1:])
+            view = [factor.shape[0]] + [1] * (moved.dim() - 3) + [factor.shape[2], factor.shape[1]]
             core = torch.matmul(moved, factor.transpose(1, 2).reshape(view)).movedim(-1, dim)
         return core
 

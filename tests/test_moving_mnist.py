@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from applications.conv_tt_lstm import cli
-from applications.conv_tt_lstm.data import mnist_digits, moving_mnist, sequence_files
+from applications.conv_tt_lstm.data import mnist_digits
 from applications.conv_tt_lstm.data.mnist_digits import DigitSet, IdxFormatError
 from applications.conv_tt_lstm.data.moving_mnist import (
     MovingMnistFixed,

@@ -17,6 +17,7 @@ PREPARE_TARGETS: List[str] = ["prepare_moving_mnist"]
 
 
 def register(subparsers) -> None:
+    """Add this command's parser to ``subparsers`` (see ``cli.py``)."""
     parser = subparsers.add_parser(
         "prepare",
         help="write a dataset's fixed train/val/test files",

@@ -9,6 +9,7 @@ from .prepare import count, positive
 
 
 def register(subparsers) -> None:
+    """Add this command's parser to ``subparsers`` (see ``cli.py``)."""
     parser = subparsers.add_parser(
         "moving-mnist",
         help="Moving MNIST: moving-mnist-{train,val,test}.npz",

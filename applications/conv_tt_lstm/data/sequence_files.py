@@ -151,6 +151,21 @@ def read_time_first_npy(path: PathLike, mmap: bool = True) -> np.ndarray:
     return array
 
 
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 ``(T, H, W)`` or ``(T, H, W, C)`` frames as float32 ``[T, C, H, W]`` in [0, 1]."""
+    array = np.asarray(frames)
+    if array.dtype != np.uint8 or array.ndim not in (3, 4):
+        raise ValueError(f"frames must be uint8 (T, H, W) or (T, H, W, C), got {array.dtype} {array.shape}")
+    if array.ndim == 3:
+        array = array[..., None]
+    # Converted in numpy: a DataLoader worker then never touches torch's intra-op thread pool
+    # (an order of magnitude slower for such small arrays on a busy machine). This also
+    # copies a read-only memory map into a buffer torch may own.
+    scaled = np.ascontiguousarray(np.moveaxis(array, -1, 1), dtype=np.float32)
+    np.divide(scaled, 255.0, out=scaled)
+    return torch.from_numpy(scaled)
+
+
 class NpzSequenceWriter:
     """Stream uint8 sequences into an npz of the release's layout, atomically.
 
@@ -318,9 +333,7 @@ class SequenceFileDataset(Dataset):
         return np.asarray(self._array[: self.n_frames, index])[..., None]
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from .moving_mnist import to_tensor
-
-        return to_tensor(self.sequence(index))
+        return frames_to_tensor(self.sequence(index))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

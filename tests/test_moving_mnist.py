@@ -130,6 +130,10 @@ def test_value_range_shapes_and_any_canvas(digits):
         generate_sequence(digits.train, np.random.default_rng(0), 5, 2, 27)
     with pytest.raises(ValueError, match="n_frames"):
         generate_sequence(digits.train, np.random.default_rng(0), 0, 2, 64)
+    with pytest.raises(ValueError, match="do not fit"):
+        MovingMnistStream(digits.train, 10, canvas_size=(64, 20))
+    with pytest.raises(ValueError, match="uint8"):
+        MovingMnistFixed(digits.train.astype(np.float32), 10)
 
 
 def test_fixed_splits_are_deterministic_and_use_their_own_streams(digits):

@@ -185,7 +185,9 @@ class LpipsMetric:
         self.name = name
 
     @classmethod
-    def pretrained(cls, device: Union[str, torch.device, None] = None, net: str = "alex", chunk: int = 256) -> "LpipsMetric":
+    def pretrained(
+        cls, device: Union[str, torch.device, None] = None, net: str = "alex", chunk: int = 256
+    ) -> "LpipsMetric":
         """The published LPIPS (``lpips.LPIPS(net=net)``, v0.1), loaded without any download.
 
         Raises
@@ -382,7 +384,8 @@ class MetricAccumulator:
             return
         names = sorted(self.sums)
         device = self.sums[names[0]].device if names else torch.device("cpu")
-        packed = torch.cat([self.sums[name] for name in names] + [torch.tensor([float(self.count)], dtype=torch.float64, device=device)])
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=device)
+        packed = torch.cat([self.sums[name] for name in names] + [count])
         torch.distributed.all_reduce(packed, group=group)
         offset = 0
         for name in names:
@@ -480,7 +483,12 @@ def markdown_table(summary: Mapping[str, object], title: Optional[str] = None) -
     return "\n".join(lines) + "\n"
 
 
-def write_metrics(out_dir: Union[str, Path], summary: Mapping[str, object], stem: str = "metrics", title: Optional[str] = None) -> Tuple[Path, Path]:
+def write_metrics(
+    out_dir: Union[str, Path],
+    summary: Mapping[str, object],
+    stem: str = "metrics",
+    title: Optional[str] = None,
+) -> Tuple[Path, Path]:
     """Write ``{stem}.json`` and ``{stem}.md`` in ``out_dir`` atomically; return both paths."""
     from .atomic import write_json_atomic, write_text_atomic
 

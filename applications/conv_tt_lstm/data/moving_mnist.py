@@ -63,6 +63,18 @@ def _check_count(value: int, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def _check_digits(digits: np.ndarray, canvas_size: SizeArg) -> np.ndarray:
+    if not isinstance(digits, np.ndarray) or digits.dtype != np.uint8 or digits.ndim != 3 or len(digits) == 0:
+        raise ValueError(
+            f"digits must be a non-empty uint8 array (N, h, w), got "
+            f"{getattr(digits, 'dtype', type(digits).__name__)} {getattr(digits, 'shape', '')}"
+        )
+    canvas = _canvas_shape(canvas_size)
+    if digits.shape[1] > canvas[0] or digits.shape[2] > canvas[1]:
+        raise ValueError(f"digits of {digits.shape[1:]} do not fit a canvas of {canvas}")
+    return digits
+
+
 def bounce_trajectory(
     start: np.ndarray, velocity: np.ndarray, n_frames: int, step: float = STEP
 ) -> np.ndarray:
@@ -166,11 +178,7 @@ def generate_sequence(
     """
     n_frames = _check_count(n_frames, "n_frames")
     n_digits = _check_count(n_digits, "n_digits")
-    if not isinstance(digits, np.ndarray) or digits.dtype != np.uint8 or digits.ndim != 3 or len(digits) == 0:
-        raise ValueError(
-            f"digits must be a non-empty uint8 array (N, h, w), got "
-            f"{getattr(digits, 'dtype', type(digits).__name__)} {getattr(digits, 'shape', '')}"
-        )
+    _check_digits(digits, canvas_size)
     chosen = rng.integers(0, len(digits), size=n_digits)
     start = rng.random((n_digits, 2))
     angle = rng.random(n_digits) * (2.0 * math.pi)
@@ -219,13 +227,14 @@ class MovingMnistFixed(Dataset):
     ) -> None:
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        self.digits = digits.split(split) if isinstance(digits, DigitSet) else digits
         self.n_sequences = _check_count(n_sequences, "n_sequences")
         self.split = split
         self.seed = int(seed)
         self.n_frames = _check_count(n_frames, "n_frames")
         self.n_digits = _check_count(n_digits, "n_digits")
         self.canvas_size = _canvas_shape(canvas_size)
+        pool = digits.split(split) if isinstance(digits, DigitSet) else digits
+        self.digits = _check_digits(pool, self.canvas_size)
 
     def __len__(self) -> int:
         return self.n_sequences
@@ -286,13 +295,13 @@ class MovingMnistStream(IterableDataset):
     ) -> None:
         if isinstance(digits, DigitSet):
             raise TypeError("pass the training digits (DigitSet.train), not the whole DigitSet")
-        self.digits = digits
         self.samples_per_epoch = _check_count(samples_per_epoch, "samples_per_epoch")
         self.epoch = _check_count(epoch, "epoch", minimum=0)
         self.seed = int(seed)
         self.n_frames = _check_count(n_frames, "n_frames")
         self.n_digits = _check_count(n_digits, "n_digits")
         self.canvas_size = _canvas_shape(canvas_size)
+        self.digits = _check_digits(digits, self.canvas_size)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if rank is None:
             rank = torch.distributed.get_rank() if distributed else 0

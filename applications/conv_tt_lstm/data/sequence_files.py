@@ -146,7 +146,9 @@ def read_time_first_npy(path: PathLike, mmap: bool = True) -> np.ndarray:
             np.lib.format.read_magic(handle)
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, EOFError, ValueError) as error:
-        raise DatasetFileError(f"{path}: not a valid npy file ({error}); expected uint8 frames {expected}") from error
+        raise DatasetFileError(
+            f"{path}: not a valid npy file ({error}); expected uint8 frames {expected}"
+        ) from error
     _check_frames(array, path, expected, 4)
     return array
 
@@ -240,7 +242,9 @@ class NpzSequenceWriter:
         self.written += len(block)
 
 
-def write_sequences_npz(path: PathLike, sequences: np.ndarray, key: str = NPZ_KEY, compress: bool = False) -> Path:
+def write_sequences_npz(
+    path: PathLike, sequences: np.ndarray, key: str = NPZ_KEY, compress: bool = False
+) -> Path:
     """Write uint8 ``(N, T, H, W, C)`` sequences in the release's npz layout, atomically."""
     sequences = np.asarray(sequences)
     if sequences.dtype != np.uint8 or sequences.ndim != 5:

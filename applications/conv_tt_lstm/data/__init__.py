@@ -1,0 +1,1 @@
+"""Dataset pipelines of the Conv-TT-LSTM application (one module per dataset or format)."""

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import tt_conv
-from tt_conv.interop import _import_tltorch, from_tltorch, reduce_tt, reduce_tucker, to_tltorch
+from tt_conv.interop import from_tltorch, import_tltorch, reduce_tt, reduce_tucker, to_tltorch
 from tt_conv.rank import clip_tt_rank, clip_tucker_rank, max_cp_rank
 
-tltorch = _import_tltorch()
+tltorch = import_tltorch()
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 FUNCTIONAL = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

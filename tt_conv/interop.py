@@ -53,7 +53,7 @@ from .layers.tt import TTConv
 from .layers.tucker import TuckerConv
 from .rank import clip_tt_rank, clip_tucker_rank, max_cp_rank, tt_dims
 
-__all__ = ["from_tltorch", "to_tltorch"]
+__all__ = ["from_tltorch", "to_tltorch", "import_tltorch"]
 
 TUCKER_FORMS = ("full", "tucker2")
 
@@ -87,8 +87,14 @@ def _tensorly_backend_preserved():
             local.pop("backend", None)
 
 
-def _import_tltorch():
-    """Import tensorly-torch without letting it switch TensorLy's backend."""
+def import_tltorch():
+    """Import and return the ``tltorch`` module without letting it switch TensorLy's backend.
+
+    Raises
+    ------
+    ImportError
+        If tensorly-torch is not installed.
+    """
     with _tensorly_backend_preserved():
         try:
             import tltorch
@@ -244,7 +250,7 @@ def from_tltorch(
         If it parametrizes several convolutions (``n_layers > 1``), its weight carries
         hooks other than tensor dropout, or an argument is invalid.
     """
-    tltorch = _import_tltorch()
+    tltorch = import_tltorch()
     if not isinstance(layer, tltorch.FactorizedConv):
         raise TypeError(
             f"layer must be a tltorch.FactorizedConv, got {type(layer).__name__}"
@@ -417,7 +423,7 @@ def to_tltorch(layer: FactorizedConv, implementation: Optional[str] = None):
             f"groups={layer.groups}"
         )
     padding = _tltorch_padding(layer)
-    tltorch = _import_tltorch()
+    tltorch = import_tltorch()
     reference = next(layer.parameters())
     factory = dict(device=reference.device, dtype=reference.dtype)
 

@@ -5,6 +5,7 @@ The public API is re-exported here.
 
 from . import decompose, rank
 from .layers import CPConv, FactorizedConv, TTConv, TuckerConv
+from . import interop
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,5 @@ __all__ = [
     "TTConv",
     "decompose",
     "rank",
+    "interop",
 ]

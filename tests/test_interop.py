@@ -62,15 +62,6 @@ def make_input(n_dim, channels=6, batch=2):
     return torch.randn(batch, channels, *INPUT[:n_dim])
 
 
-# A full Tucker layer whose spatial rank differs from its kernel size fails in
-# TuckerConv.core_kernel (the spatial factor is reshaped to (k, s) where (s, k) is meant);
-# reported to the lead. Strict, so the marks go once the layer is fixed.
-TUCKER_SPATIAL_RANK_BUG = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="TuckerConv.core_kernel: full Tucker with spatial rank != kernel size",
-)
-
-
 # --------------------------------------------------------------------------- ours -> tensorly-torch -> ours
 
 
@@ -124,7 +115,7 @@ def test_tucker2_default_form_from_tltorch_is_full_tucker_with_identity_factors(
 
 
 @pytest.mark.parametrize(
-    "spatial_rank", [(3, 3), pytest.param((2, 3), marks=TUCKER_SPATIAL_RANK_BUG)]
+    "spatial_rank", [(3, 3), (2, 3)]
 )
 def test_full_tucker_and_float64_round_trip(spatial_rank):
     torch.manual_seed(0)
@@ -191,14 +182,8 @@ def tltorch_rank(factorization, n_dim):
     return [1, 3, *((2,) * n_dim), 1]
 
 
-@pytest.mark.parametrize(
-    "factorization, n_dim",
-    [
-        pytest.param(f, n, marks=TUCKER_SPATIAL_RANK_BUG if f == "tucker" else ())
-        for f in ("cp", "tucker", "tt")
-        for n in (1, 2, 3)
-    ],
-)
+@pytest.mark.parametrize("n_dim", [1, 2, 3])
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
 def test_round_trip_from_tltorch(factorization, n_dim):
     torch.manual_seed(1)
     theirs = tltorch_layer(factorization, n_dim, tltorch_rank(factorization, n_dim),

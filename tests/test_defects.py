@@ -129,7 +129,7 @@ def test_defect_float_tucker_rank_collapses_spatial_ranks():
     for fraction in (0.05, 0.1, 0.5):
         layer = tt_conv.TuckerConv.from_conv(conv, rank=fraction)
         # Tucker-2 keeps the spatial modes whole; the channel ranks are > 1.
-        assert layer.core.shape[-2:] == (3, 3)
+        assert layer.core_tensor().shape[-2:] == (3, 3)
         assert min(layer.rank) > 1
         assert layer.reconstruct_kernel().shape == conv.weight.shape
 

@@ -270,7 +270,12 @@ def test_exports_run_without_tt_conv_modules(factorization):
     dense = layer.to_conv()
     modules = list(sequential.modules()) + list(dense.modules())
     assert all(type(m).__module__.startswith("torch.nn") for m in modules)
-    assert sum(p.numel() for p in sequential.parameters()) <= layer.n_parameters
+    exported = sum(p.numel() for p in sequential.parameters())
+    if factorization == "cp":
+        # The depthwise stage stores each term's 3x3 filter, not its two 3-vectors.
+        assert exported == layer.n_parameters + layer.groups * layer.rank[0] * (9 - 6)
+    else:
+        assert exported == layer.n_parameters
     x = torch.randn(2, 6, 9, 9)
     torch.testing.assert_close(sequential(x), layer(x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dense(x), layer(x), rtol=1e-4, atol=1e-5)
@@ -377,3 +382,17 @@ def test_bad_geometry_and_inputs_are_refused():
         layer(torch.randn(1, 1, 4, 8, 8))
     with pytest.raises(ValueError, match="kernel has shape"):
         layer.init_from_kernel(torch.randn(6, 4, 5, 5))
+
+
+@pytest.mark.parametrize("n_dim,memory_format", [(2, torch.channels_last),
+                                                 (3, torch.channels_last_3d)])
+def test_a_model_moves_to_channels_last_with_every_factorization(n_dim, memory_format):
+    torch.manual_seed(0)
+    layers = [LAYERS[f](4, 4, 3, padding=1, rank=r, n_dim=n_dim)
+              for f in FACTORIZATIONS for r in (2, (2, 2) + (2,) * n_dim if f == "tucker" else 3)]
+    model = nn.Sequential(*layers)
+    x = torch.randn(2, 4, *([5] * n_dim))
+    reference = model(x)
+    model.to(memory_format=memory_format)
+    torch.testing.assert_close(model(x.contiguous(memory_format=memory_format)), reference,
+                               rtol=1e-4, atol=1e-5)

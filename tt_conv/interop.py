@@ -442,13 +442,13 @@ def to_tltorch(layer: FactorizedConv, implementation: Optional[str] = None):
             else:
                 spatial = [nn.Parameter(torch.eye(k, **factory)) for k in layer.kernel_size]
             tensor = tltorch.TuckerTensor(
-                _param(layer.core[0]),
+                _param(layer.core_tensor()[0]),
                 [_param(layer.out_factor[0]), _param(layer.in_factor[0]), *spatial],
             )
             name, tl_rank = "tucker", tuple(tensor.rank)
         else:
-            cores = [layer.cores[0][0].unsqueeze(0), *(c[0] for c in layer.cores[1:-1]),
-                     layer.cores[-1][0].unsqueeze(-1)]
+            natural = layer.tt_cores()  # (groups, r_j, n_j, r_{j+1})
+            cores = [c[0] for c in natural]
             tensor = tltorch.TTTensor([_param(c) for c in cores])
             name, tl_rank = "tt", list(tensor.rank)
 

@@ -224,6 +224,13 @@ class FactorizedConv(nn.Module):
     # ------------------------------------------------------------------ subclass interface
 
     def _make_factors(self, device=None, dtype=None) -> None:
+        """Create the factor parameters.
+
+        Every factor is stored with at most 3 dimensions, ``(groups, rows, columns)``:
+        ``Module.to(memory_format=torch.channels_last)`` converts every 4-D and 5-D
+        parameter of a model and refuses the ones of the other rank, so factors shaped like
+        conv weights would break it for the whole model.
+        """
         raise NotImplementedError
 
     def _factor_tensors(self) -> List[torch.Tensor]:
@@ -360,12 +367,14 @@ class FactorizedConv(nn.Module):
         with torch.no_grad():
             for i, target in enumerate(self._factor_tensors()):
                 stacked = torch.stack([factors[i] for factors in per_group])
-                if stacked.shape != target.shape:  # pragma: no cover - a subclass bug
+                if stacked.numel() != target.numel():  # pragma: no cover - a subclass bug
                     raise RuntimeError(
                         f"decomposition gave a factor of shape {tuple(stacked.shape)}, "
-                        f"expected {tuple(target.shape)}"
+                        f"expected {tuple(target.shape)} elements"
                     )
-                target.copy_(stacked.to(dtype=target.dtype, device=target.device))
+                # Factors are stored at most 3-D (see _make_factors), so reshape.
+                target.copy_(stacked.reshape(target.shape).to(dtype=target.dtype,
+                                                              device=target.device))
         return self
 
     # ------------------------------------------------------------------ execution
@@ -538,8 +547,9 @@ class FactorizedConv(nn.Module):
     def to_sequential(self) -> nn.Sequential:
         """The factorized chain as an ``nn.Sequential`` of plain PyTorch modules.
 
-        It runs without tt_conv, holds as many parameters as this layer and computes the
-        same output.
+        It runs without tt_conv and computes the same output. It holds as many parameters
+        as this layer, except for CP, whose depthwise stage stores each term's
+        ``k_1 x ... x k_d`` filter rather than its ``d`` separable vectors.
         """
         conv_class = self._dense_conv_class()
         weights = [w.detach() for w in self.stage_weights()]

@@ -16,10 +16,10 @@ class CPConv(FactorizedConv, factorization="cp"):
 
     ``W[o, i, k_1, ..., k_d] = sum_r A[o, r] B[i, r] S_1[k_1, r] ... S_d[k_d, r]``, per group.
     The factorized path projects the input channels to ``R`` (1x1 convolution), filters each
-    of the ``R`` channels along every spatial axis in turn (depthwise 1-D convolutions, which
-    carry that axis' stride, padding and dilation) and projects to the output channels
-    (1x1 convolution with the bias). Spatial axes of size 1 with no stride or padding are
-    folded into the first projection.
+    of the ``R`` channels with its separable spatial filter ``S_1[:, r] x ... x S_d[:, r]``
+    (one depthwise convolution carrying the stride, padding and dilation) and projects to
+    the output channels (1x1 convolution with the bias). For a pointwise kernel without
+    stride or padding the spatial factors are scalars, folded into the first projection.
 
     Parameters
     ----------
@@ -29,9 +29,15 @@ class CPConv(FactorizedConv, factorization="cp"):
         of the kernel's parameters to keep.
 
     See :class:`~tt_conv.FactorizedConv` for the other parameters.
+
+    Notes
+    -----
+    One ``k_1 x ... x k_d`` depthwise convolution costs more multiply-adds than ``d``
+    one-dimensional ones, but depthwise convolutions are bound by memory traffic, so one
+    pass over the activations is faster than ``d``.
     """
 
-    _folded_axes: List[int]
+    _spatial_stage_used: bool
 
     def _make_factors(self, device=None, dtype=None) -> None:
         g = self.groups
@@ -43,12 +49,11 @@ class CPConv(FactorizedConv, factorization="cp"):
         self.spatial_factors = nn.ParameterList(
             [nn.Parameter(torch.empty(g, k, r, **factory)) for k in self.kernel_size]
         )
-        # Axes of size 1 without stride or padding only scale each rank-one term.
-        self._folded_axes = [
-            axis for axis in range(self.n_dim)
-            if self.kernel_size[axis] == 1 and self.stride[axis] == 1
-            and self._pad_pairs[axis] == (0, 0)
-        ]
+        # A 1x1 kernel without stride or padding only scales each rank-one term.
+        self._spatial_stage_used = not (
+            all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)
+            and all(p == (0, 0) for p in self._pad_pairs)
+        )
 
     def _factor_tensors(self) -> List[torch.Tensor]:
         return [self.out_factor, self.in_factor, *self.spatial_factors]
@@ -56,13 +61,20 @@ class CPConv(FactorizedConv, factorization="cp"):
     def _n_summed_terms(self) -> int:
         return self.rank[0]
 
+    def spatial_filters(self) -> torch.Tensor:
+        """The separable filter of every term, ``(groups, k_1 * ... * k_d, R)``."""
+        g, r = self.groups, self.rank[0]
+        product = self.spatial_factors[0]
+        for j, factor in enumerate(self.spatial_factors):
+            if j > 0:
+                product = (product.unsqueeze(2) * factor.unsqueeze(1)).reshape(g, -1, r)
+        return product
+
     def _group_kernels(self) -> torch.Tensor:
         g, r = self.groups, self.rank[0]
-        product = self.in_factor
-        for factor in self.spatial_factors:
-            # Khatri-Rao product, built up one mode at a time: (g, in*k_1*..., r).
-            product = (product.unsqueeze(2) * factor.unsqueeze(1)).reshape(g, -1, r)
-        kernel = torch.matmul(self.out_factor, product.transpose(1, 2))
+        # Khatri-Rao product of the input and spatial factors: (g, in * k_1 * ..., r).
+        product = (self.in_factor.unsqueeze(2) * self.spatial_filters().unsqueeze(1))
+        kernel = torch.matmul(self.out_factor, product.reshape(g, -1, r).transpose(1, 2))
         return kernel.reshape([g] + self._group_shape)
 
     def _reconstruction_flops(self) -> int:
@@ -72,26 +84,23 @@ class CPConv(FactorizedConv, factorization="cp"):
     def _stage_specs(self) -> List[StageSpec]:
         g, r = self.groups, self.rank[0]
         stages = [self._pointwise_stage(self.in_channels, g * r, g)]
-        for axis in range(self.n_dim):
-            if axis not in self._folded_axes:
-                stages.append(self._spatial_stage(axis, g * r, g * r, g * r))
+        if self._spatial_stage_used:
+            stages.append(self._full_stage(g * r, g * r, g * r))
         stages.append(self._pointwise_stage(g * r, self.out_channels, g))
         return stages
 
     def stage_weights(self) -> List[torch.Tensor]:
         g, r = self.groups, self.rank[0]
         ones = self._pointwise_shape()
+        filters = self.spatial_filters()
         in_factor = self.in_factor
-        spatial: List[torch.Tensor] = []
-        for axis, factor in enumerate(self.spatial_factors):
-            if axis in self._folded_axes:
-                in_factor = in_factor * factor
-            else:
-                shape = [1] * self.n_dim
-                shape[axis] = self.kernel_size[axis]
-                spatial.append(factor.transpose(1, 2).reshape([g * r, 1] + shape))
-        weights = [in_factor.transpose(1, 2).reshape([g * r, self.in_channels // g] + ones)]
-        weights.extend(spatial)
+        weights: List[torch.Tensor] = []
+        if self._spatial_stage_used:
+            weights.append(in_factor.transpose(1, 2).reshape([g * r, self._group_shape[1]] + ones))
+            weights.append(filters.transpose(1, 2).reshape([g * r, 1] + self._group_shape[2:]))
+        else:
+            in_factor = in_factor * filters
+            weights.append(in_factor.transpose(1, 2).reshape([g * r, self._group_shape[1]] + ones))
         weights.append(self.out_factor.reshape([self.out_channels, r] + ones))
         return weights
 

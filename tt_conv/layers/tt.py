@@ -1,6 +1,5 @@
 """Tensor-train convolutions."""
 
-
 import math
 from typing import List
 
@@ -29,20 +28,38 @@ class TTConv(FactorizedConv, factorization="tt"):
         TT-SVD can produce.
 
     See :class:`~tt_conv.FactorizedConv` for the other parameters.
+
+    Notes
+    -----
+    ``cores`` stores the first core as ``(groups, in, r_1)``, the spatial cores as
+    ``(groups, r_j, k_j * r_{j+1})`` and the last as ``(groups, r_{d+1}, out)``;
+    :meth:`tt_cores` gives them as ``(groups, r_j, n_j, r_{j+1})``.
     """
+
+    _tt_ranks: List[int]
+    _tt_modes: List[int]
+    _n_cores: int
 
     def _make_factors(self, device=None, dtype=None) -> None:
         g = self.groups
         modes = tt_dims(self.group_kernel_shape)
         ranks = [1, *self.rank, 1]
+        self._tt_modes = list(modes)
+        self._tt_ranks = ranks
+        self._n_cores = len(modes)
         factory = {"device": device, "dtype": dtype}
         shapes = [(g, modes[0], ranks[1])]
-        shapes += [(g, ranks[j], modes[j], ranks[j + 1]) for j in range(1, len(modes) - 1)]
+        shapes += [(g, ranks[j], modes[j] * ranks[j + 1]) for j in range(1, len(modes) - 1)]
         shapes.append((g, ranks[-2], modes[-1]))
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.empty(*shape, **factory)) for shape in shapes]
         )
-        self._n_cores = len(shapes)
+
+    def tt_cores(self) -> List[torch.Tensor]:
+        """The cores as ``(groups, r_j, n_j, r_{j+1})`` over the modes ``(in, k..., out)``."""
+        g = self.groups
+        return [core.reshape(g, self._tt_ranks[j], self._tt_modes[j], self._tt_ranks[j + 1])
+                for j, core in enumerate(self.cores)]
 
     def _factor_tensors(self) -> List[torch.Tensor]:
         return list(self.cores)
@@ -52,21 +69,17 @@ class TTConv(FactorizedConv, factorization="tt"):
 
     def _group_kernels(self) -> torch.Tensor:
         g = self.groups
-        last = self._n_cores - 1
         product = self.cores[0]
         for j, core in enumerate(self.cores):
-            if j == last:
-                product = torch.matmul(product, core)
-            elif j > 0:
-                r, k, r_next = core.shape[1], core.shape[2], core.shape[3]
-                product = torch.matmul(product, core.reshape(g, r, k * r_next))
-                product = product.reshape(g, -1, r_next)
-        # product: (g, in * k_1 * ... * k_d, out) -> (g, out, in, *k)
+            if j > 0:
+                # (g, in * k_1 ... k_{j-1}, r_j) @ (g, r_j, n_j * r_{j+1})
+                product = torch.matmul(product, core).reshape(g, -1, self._tt_ranks[j + 1])
+        # product: (g, in * k_1 * ... * k_d * out, 1) -> (g, out, in, *k)
+        product = product.reshape(g, -1, self._group_shape[0])
         return product.transpose(1, 2).reshape([g] + self._group_shape)
 
     def _reconstruction_flops(self) -> int:
-        modes = tt_dims(self.group_kernel_shape)
-        ranks = [1, *self.rank, 1]
+        modes, ranks = self._tt_modes, self._tt_ranks
         flops, rows = 0, modes[0]
         for j in range(1, len(modes)):
             flops += 2 * self.groups * rows * ranks[j] * modes[j] * ranks[j + 1]
@@ -89,14 +102,17 @@ class TTConv(FactorizedConv, factorization="tt"):
         weights: List[torch.Tensor] = []
         for j, core in enumerate(self.cores):
             if j == 0:
-                weights.append(core.transpose(1, 2).reshape([-1, core.shape[1]] + ones))
+                weights.append(core.transpose(1, 2).reshape([-1, self._tt_modes[0]] + ones))
             elif j == last:
-                weights.append(core.transpose(1, 2).reshape([self.out_channels, core.shape[1]] + ones))
+                weights.append(core.transpose(1, 2).reshape([self.out_channels,
+                                                             self._tt_ranks[j]] + ones))
             else:
+                r, k, r_next = self._tt_ranks[j], self._tt_modes[j], self._tt_ranks[j + 1]
                 shape = [1] * self.n_dim
-                shape[j - 1] = core.shape[2]
-                # (g, r, k, r') -> (g * r', r, k along axis j - 1)
-                weights.append(core.permute(0, 3, 1, 2).reshape([g * core.shape[3], core.shape[1]] + shape))
+                shape[j - 1] = k
+                # (g, r, k * r') -> (g * r', r, k along axis j - 1)
+                weights.append(core.reshape(g, r, k, r_next).permute(0, 3, 1, 2)
+                               .reshape([g * r_next, r] + shape))
         return weights
 
     def _decompose_group(self, kernel: torch.Tensor, **options) -> List[torch.Tensor]:

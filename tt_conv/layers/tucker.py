@@ -33,13 +33,19 @@ class TuckerConv(FactorizedConv, factorization="tucker"):
     See :class:`~tt_conv.FactorizedConv` for the other parameters.
     """
 
+    _core_shape: List[int]
+
     def _make_factors(self, device=None, dtype=None) -> None:
         g = self.groups
         out_g, in_g = self.group_kernel_shape[:2]
         r_out, r_in = self.rank[:2]
         spatial_ranks = self.rank[2:] or self.kernel_size
         factory = {"device": device, "dtype": dtype}
-        self.core = nn.Parameter(torch.empty(g, r_out, r_in, *spatial_ranks, **factory))
+        self._core_shape = [g, r_out, r_in, *spatial_ranks]
+        # Stored as (groups, r_out, r_in * spatial ranks); core_tensor() has the true shape.
+        self.core = nn.Parameter(
+            torch.empty(g, r_out, r_in * math.prod(spatial_ranks), **factory)
+        )
         self.out_factor = nn.Parameter(torch.empty(g, out_g, r_out, **factory))
         self.in_factor = nn.Parameter(torch.empty(g, in_g, r_in, **factory))
         self.spatial_factors = nn.ParameterList(
@@ -58,9 +64,13 @@ class TuckerConv(FactorizedConv, factorization="tucker"):
     def _n_summed_terms(self) -> int:
         return math.prod(self.rank)
 
+    def core_tensor(self) -> torch.Tensor:
+        """The core, ``(groups, r_out, r_in, *spatial ranks)``."""
+        return self.core.view(self._core_shape)
+
     def core_kernel(self) -> torch.Tensor:
         """The core with its spatial factors applied, ``(groups, r_out, r_in, *kernel_size)``."""
-        core = self.core
+        core = self.core_tensor()
         for axis, factor in enumerate(self.spatial_factors):
             dim = 3 + axis
             # (g, ..., s) @ (g, 1.., s, k): contract this spatial mode with its factor.
@@ -83,7 +93,7 @@ class TuckerConv(FactorizedConv, factorization="tucker"):
     def _group_kernels(self) -> torch.Tensor:
         g = self.groups
         out_g = self._group_shape[0]
-        r_out, r_in = self.core.shape[1], self.core.shape[2]
+        r_out, r_in = self._core_shape[1], self._core_shape[2]
         core = self.core_kernel().reshape(g, r_out, -1)
         mixed = torch.matmul(self.out_factor, core).reshape(g, out_g, r_in, -1)
         kernel = torch.matmul(mixed.transpose(2, 3), self.in_factor.transpose(1, 2).unsqueeze(1))
@@ -109,7 +119,7 @@ class TuckerConv(FactorizedConv, factorization="tucker"):
 
     def stage_weights(self) -> List[torch.Tensor]:
         g = self.groups
-        r_out, r_in = self.core.shape[1], self.core.shape[2]
+        r_out, r_in = self._core_shape[1], self._core_shape[2]
         ones = self._pointwise_shape()
         return [
             self.in_factor.transpose(1, 2).reshape([g * r_in, self._group_shape[1]] + ones),

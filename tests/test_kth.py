@@ -285,7 +285,8 @@ def test_window_counts_follow_the_per_action_strides(prepared, protocol, window)
 def test_strides_can_be_overridden(prepared):
     out, _ = prepared
     everywhere_two = KTHDataset(out, "train", strides=2)
-    assert everywhere_two.windows_per_action() == expected_windows({3, 16}, 30, dict.fromkeys(strides_for(30), 2))
+    two = dict.fromkeys(strides_for(30), 2)
+    assert everywhere_two.windows_per_action() == expected_windows({3, 16}, 30, two)
     custom = KTHDataset(out, "train", strides={"boxing": 1})
     table = strides_for(30) | {"boxing": 1}
     assert custom.windows_per_action() == expected_windows({3, 16}, 30, table)

@@ -81,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
         f"{counts['kept']} already done"
     )
     for entry in index["failed"]:
-        print(f"warning: failed to decode {entry['name']} ({entry['source']}): {entry['error']}", file=sys.stderr)
+        print(
+            f"warning: failed to decode {entry['name']} ({entry['source']}): {entry['error']}",
+            file=sys.stderr,
+        )
     for entry in index["rejected"]:
         print(f"warning: ignored {entry['path']}: {entry['reason']}", file=sys.stderr)
     if index["missing"]:

@@ -38,7 +38,6 @@ from .sequence_files import DatasetFileError, frames_to_tensor
 from .video import (
     RESAMPLE_FILTERS,
     VideoDecodeError,
-    list_frame_files,
     parse_size,
     read_frame_folder,
     read_video,

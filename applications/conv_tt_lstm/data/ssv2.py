@@ -39,7 +39,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -118,13 +118,17 @@ def read_labels(path: PathLike) -> Dict[str, int]:
     path = Path(path)
     table = _load_json(path, "labels file")
     if not isinstance(table, dict) or not table:
-        raise DatasetFileError(f"{path}: expected a JSON object {{template: \"index\"}}, got {type(table).__name__}")
+        raise DatasetFileError(
+            f"{path}: expected a JSON object {{template: \"index\"}}, got {type(table).__name__}"
+        )
     labels = {}
     for template, index in table.items():
         try:
             labels[str(template)] = int(index)
         except (TypeError, ValueError):
-            raise DatasetFileError(f"{path}: class index of {template!r} is {index!r}, not an integer") from None
+            raise DatasetFileError(
+                f"{path}: class index of {template!r} is {index!r}, not an integer"
+            ) from None
     if sorted(labels.values()) != list(range(len(labels))):
         raise DatasetFileError(
             f"{path}: class indices must be 0..{len(labels) - 1}, each once; got "
@@ -157,7 +161,9 @@ def read_annotations(path: PathLike, labels: Dict[str, int], labelled: bool = Tr
     path = Path(path)
     entries = _load_json(path, "annotation file")
     if not isinstance(entries, list):
-        raise DatasetFileError(f"{path}: expected a JSON list of {{\"id\", \"template\", ...}}, got {type(entries).__name__}")
+        raise DatasetFileError(
+            f"{path}: expected a JSON list of {{\"id\", \"template\", ...}}, got {type(entries).__name__}"
+        )
     clips, seen = [], set()
     for position, entry in enumerate(entries):
         if not isinstance(entry, dict) or "id" not in entry:

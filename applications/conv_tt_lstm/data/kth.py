@@ -15,9 +15,9 @@ Files are written atomically; a re-run keeps every complete file and redoes the 
 :class:`KTHDataset` serves windows of ``input + future`` consecutive frames that stay
 inside one video, memory-mapping the files (nothing is loaded whole): persons 1-16 train,
 17-25 test, optionally some training persons held out for validation. Window starts step by
-a per-action stride: by default non-overlapping windows (stride = window length) for
-boxing, handclapping, handwaving and walking, and stride 3 for jogging and running, whose
-videos are short because the person soon leaves the frame.
+a per-action stride: by default, as in other toolkits, non-overlapping windows (stride =
+window length) for boxing, handclapping, handwaving and walking, and stride 3 for jogging
+and running (fast actions, which would otherwise give few windows); configurable.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import importlib
 from typing import List
 
 #: Target modules of ``prepare``, in the order ``prepare --help`` lists them.
-PREPARE_TARGETS: List[str] = ["prepare_moving_mnist"]
+PREPARE_TARGETS: List[str] = ["prepare_moving_mnist", "prepare_kth"]
 
 
 def register(subparsers) -> None:

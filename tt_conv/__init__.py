@@ -16,3 +16,20 @@ __all__ = [
     "decompose",
     "rank",
 ]
+from .recurrent import (
+    ConvLSTMCell,
+    ConvTT,
+    ConvTTLSTMCell,
+    HigherOrderConvLSTMCell,
+    LSTMState,
+    lstm_update,
+)
+
+__all__ += [
+    "ConvTT",
+    "ConvLSTMCell",
+    "HigherOrderConvLSTMCell",
+    "ConvTTLSTMCell",
+    "LSTMState",
+    "lstm_update",
+]

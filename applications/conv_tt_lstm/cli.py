@@ -15,7 +15,10 @@ import sys
 from typing import List, Optional
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMAND_MODULES: List[str] = []
+COMMAND_MODULES: List[str] = [
+    "compare",
+    "convert_nvlabs",
+]
 
 
 class CommandError(Exception):

@@ -38,19 +38,26 @@ def lstm_reference(gates, c):
 
 def tt_reference(tt, past):
     """T_P of ConvTT from raw states ``past`` (oldest first), one conv per window slot."""
-    order, steps = tt.order, tt.steps
+    order, steps, rank = tt.order, tt.steps, tt.rank
     window = steps - order + 1
-    shape = (1, tt.rank) + (1,) * (past[0].dim() - 2)
+    kernel = tuple(tt.window_weight.shape[2:])
+    # The documented parameter layouts: window kernels in blocks (d, core) with
+    # d = window - 1 - j; inner cores stacked along the output channels.
+    w = tt.window_weight.view(window, order, rank, tt.in_channels, *kernel)
+    b = tt.window_bias.view(order, rank)
+    k = tt.core_weight.view(order - 1, rank, rank, *kernel)
+    kb = tt.core_bias.view(order - 1, rank)
+    shape = (1, rank) + (1,) * (past[0].dim() - 2)
     train = None
     for l in range(1, order + 1):  # cores numbered from 1 as in the paper
         # core l's window is h_{t-N+l-1} .. h_{t-N+l+L-2}; past[0] is h_{t-N}
-        u = tt.window_bias[l - 1].view(shape)
+        u = b[l - 1].view(shape)
         for j in range(window):
-            u = u + conv(past[l - 1 + j], tt.window_weight[l - 1, j])
+            u = u + conv(past[l - 1 + j], w[window - 1 - j, l - 1])
         if l == 1:
             train = u
         else:
-            train = u + conv(train, tt.core_weight[l - 2], tt.core_bias[l - 2])
+            train = u + conv(train, k[l - 2], kb[l - 2])
     return train
 
 
@@ -212,15 +219,20 @@ def test_channels_last_state_gives_the_same_outputs(n_dim):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_initial_state_is_zero_and_shaped_for_the_input():
+def test_initial_state_is_shaped_for_the_input():
     cell = ConvTTLSTMCell(2, 3, 3, 2, 4, rank=5)
     x = torch.randn(7, 2, 6, 8)
     state = cell.initial_state(x)
     assert isinstance(state, LSTMState)
-    assert state.cell.shape == (7, 3, 6, 8)
-    assert len(state.memory) == 4
-    assert all(m.shape == (7, cell.tt.projection_channels, 6, 8) for m in state.memory)
-    assert all(float(m.abs().sum()) == 0.0 for m in (state.cell, *state.memory))
+    assert state.cell.shape == (7, 3, 6, 8) and float(state.cell.abs().sum()) == 0.0
+    # The tensor-train stream of all-zero past states: window (3) tensors of order * rank.
+    assert [m.shape for m in state.memory] == [(7, 10, 6, 8)] * 3
+    from_shape = cell.initial_state((7, 2, 6, 8), dtype=torch.float64)
+    assert from_shape.cell.shape == (7, 3, 6, 8) and from_shape.cell.dtype == torch.float64
+    assert [m.shape for m in from_shape.memory] == [m.shape for m in state.memory]
+    ho = HigherOrderConvLSTMCell(2, 3, 3, steps=4).initial_state(x)
+    assert [m.shape for m in ho.memory] == [(7, 3, 6, 8)] * 4
+    assert all(float(m.abs().sum()) == 0.0 for m in ho.memory)
     # state=None means the initial state.
     h1, s1 = cell(x)
     h2, s2 = cell(x, state)

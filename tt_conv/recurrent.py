@@ -23,10 +23,12 @@ recurrent part alone (``rank`` channels for Conv-TT-LSTM) is too thin to use the
 
 :class:`ConvTTLSTMCell` does not keep raw hidden states: when a hidden state is produced it
 is convolved ONCE with every window kernel it will ever meet (one convolution from
-``hidden_channels`` to ``order * window * rank`` channels, see :meth:`ConvTT.project`), and
-the cell keeps those projections. By linearity of convolution, the window convolution of
-core ``l`` is then the sum of the matching slices of the cached projections, so no
-convolution is ever recomputed at a later step.
+``hidden_channels`` to ``order * window * rank`` channels, see :meth:`ConvTT.project`). By
+linearity of convolution, the window convolution of a core is the sum of the matching slices
+of those projections, so no convolution is ever recomputed at a later step. The tensor train
+is advanced along its anti-diagonal: after each state, all ``order - 1`` inner cores run as
+ONE grouped convolution, each on the value its predecessor produced one step earlier
+(:class:`ConvTT` explains why that is the same recursion).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._geometry import as_tuple, conv_nd
@@ -57,11 +60,10 @@ class LSTMState(NamedTuple):
     cell : torch.Tensor
         The cell state ``c_{t-1}``, ``[batch, hidden_channels, *spatial]``.
     memory : tuple of torch.Tensor
-        What the cell keeps of its past hidden states, oldest first: ``(h_{t-1},)`` for
-        :class:`ConvLSTMCell`, ``(h_{t-N}, ..., h_{t-1})`` for
-        :class:`HigherOrderConvLSTMCell`, and the projections
-        ``(P(h_{t-N}), ..., P(h_{t-1}))`` of :meth:`ConvTT.project` for
-        :class:`ConvTTLSTMCell`.
+        What the cell keeps of its past hidden states: ``(h_{t-1},)`` for
+        :class:`ConvLSTMCell`, ``(h_{t-N}, ..., h_{t-1})`` (oldest first) for
+        :class:`HigherOrderConvLSTMCell`, and the tensor-train stream of
+        :meth:`ConvTT.initial_stream` for :class:`ConvTTLSTMCell`.
     """
 
     cell: torch.Tensor
@@ -154,15 +156,25 @@ def lstm_update(gates: torch.Tensor, cell: torch.Tensor) -> Tuple[torch.Tensor, 
     Returns
     -------
     (h_t, c_t)
+        The pointwise maths runs in the wider of the two input dtypes, and so does ``c_t``
+        (float32 under bf16 autocast, where the state starts in float32: the cell state
+        accumulates in full precision); ``h_t`` has the gates' dtype (what the next
+        convolutions read anyway: casting once here saves a cast per consumer).
     """
     hidden = cell.shape[1]
+    out_dtype = gates.dtype
+    if gates.dtype != cell.dtype:
+        # Mixed precision (bf16 gates, fp32 cell state): one cast in, one cast out, and
+        # every pointwise op in one dtype; mixed-dtype ops would cast inside each op, in
+        # the forward and again in the backward pass.
+        gates = gates.to(torch.promote_types(gates.dtype, cell.dtype))
     # Two activation calls over contiguous channel ranges instead of four; split (not
     # slicing) so that autograd joins the gradients with one concatenation.
     sig, g = gates.split((3 * hidden, hidden), dim=1)
     i, f, o = torch.sigmoid(sig).chunk(3, dim=1)
     c = torch.addcmul(f * cell, i, torch.tanh(g))
     h = o * torch.tanh(c)
-    return h, c
+    return h.to(out_dtype), c
 
 
 # ---------------------------------------------------------------------------- ConvTT
@@ -173,13 +185,13 @@ class ConvTT(nn.Module):
 
     With ``P = order``, ``N = steps``, ``R = rank`` and window length ``L = N - P + 1``,
     core ``l`` (``l = 1..P``) reads the ``L`` consecutive states
-    ``s_{l}, ..., s_{l+L-1}`` of the ``N`` given ones (oldest first, so core 1's window
+    ``s_l, ..., s_{l+L-1}`` of the ``N`` given ones (oldest first, so core 1's window
     starts at the oldest state and core ``P``'s ends at the newest) and reduces them to
     ``R`` channels with one convolution over the window,
     ``U_l = sum_j W_{l,j} * s_{l+j} + b_l``. The tensor train then runs
     ``T_1 = U_1``, ``T_l = U_l + K_{l-1} * T_{l-1}`` and the output is
     ``K_P * concat(x, T_P) + b``, where ``x`` is an optional extra input of
-    ``input_channels`` channels (a ConvTT-LSTM's current input; none by default).
+    ``input_channels`` channels (a Conv-TT-LSTM's current input; none by default).
 
     Parameters
     ----------
@@ -208,21 +220,30 @@ class ConvTT(nn.Module):
     Attributes
     ----------
     window_weight : Parameter
-        ``[order, window, rank, in_channels, *kernel]``: ``W_{l,j}``, window slot ``j``
-        counted from the oldest state of the window.
+        ``[window * order * rank, in_channels, *kernel]``, every window kernel stacked as
+        ONE convolution: row block ``(d, l)`` (``d`` slowest, then the core, then the rank)
+        holds ``W_{l+1, j}`` for the window slot ``j = window - 1 - d``, i.e. slot ``d``
+        counted back from the newest state of the window.
     window_bias : Parameter
-        ``[order, rank]``: ``b_l``.
+        ``[order * rank]``: ``b_1, ..., b_P``.
     core_weight, core_bias : Parameter
-        ``[order - 1, rank, rank, *kernel]`` and ``[order - 1, rank]``: ``K_1 .. K_{P-1}``.
+        ``[(order - 1) * rank, rank, *kernel]`` and ``[(order - 1) * rank]``:
+        ``K_1, ..., K_{P-1}`` stacked as one grouped convolution (``groups = order - 1``).
     output_weight, output_bias : Parameter
         ``[out_channels, input_channels + rank, *kernel]`` (input channels first) and
         ``[out_channels]``: ``K_P`` and its bias.
 
     Notes
     -----
-    ``forward(states)`` computes everything from raw states. A recurrent user should call
-    :meth:`project` once per new state and :meth:`from_projections` at each step: a state's
-    projection is reused by every window it enters, so no convolution is repeated.
+    ``forward(states)`` computes the output from ``steps`` raw states. Over a sequence,
+    use the *stream* instead (:meth:`initial_stream`, :meth:`stream_output`,
+    :meth:`stream_update`): each new state is convolved once with all the window kernels
+    (:meth:`project`), and the tensor train is advanced along its anti-diagonal. After state
+    ``h_t`` every core's pending window covers the same last ``L`` states, and core ``l``'s
+    value for time ``t + 1 + P - l`` needs only core ``l - 1``'s value for that time, which
+    the previous update produced. So one grouped convolution applies all of
+    ``K_1 .. K_{P-1}`` per step, instead of ``P - 1`` dependent convolutions, and nothing
+    is recomputed. The results are those of the recursion above, exactly.
     """
 
     def __init__(
@@ -264,11 +285,13 @@ class ConvTT(nn.Module):
         self._ones = [1] * self.n_dim
         factory = {"device": device, "dtype": dtype}
         k = self.kernel_size
+        # Parameters are stored in the shapes the convolutions read, so every step uses
+        # the leaf tensors themselves (autocast casts each of them once per region).
         self.window_weight = nn.Parameter(
-            torch.empty(order, self.window, rank, in_channels, *k, **factory))
-        self.window_bias = nn.Parameter(torch.empty(order, rank, **factory))
-        self.core_weight = nn.Parameter(torch.empty(order - 1, rank, rank, *k, **factory))
-        self.core_bias = nn.Parameter(torch.empty(order - 1, rank, **factory))
+            torch.empty(self.window * order * rank, in_channels, *k, **factory))
+        self.window_bias = nn.Parameter(torch.empty(order * rank, **factory))
+        self.core_weight = nn.Parameter(torch.empty((order - 1) * rank, rank, *k, **factory))
+        self.core_bias = nn.Parameter(torch.empty((order - 1) * rank, **factory))
         self.output_weight = nn.Parameter(
             torch.empty(out_channels, input_channels + rank, *k, **factory))
         if bias:
@@ -292,63 +315,56 @@ class ConvTT(nn.Module):
 
     @property
     def projection_channels(self) -> int:
-        """Channels of :meth:`project`'s output: ``order * window * rank``."""
-        return self.order * self.window * self.rank
+        """Channels of :meth:`project`'s output: ``window * order * rank``."""
+        return self.window * self.order * self.rank
 
     def extra_repr(self) -> str:
         extra = f", input_channels={self.input_channels}" if self.input_channels else ""
         return (f"{self.in_channels}, {self.out_channels}, order={self.order}, "
                 f"steps={self.steps}, rank={self.rank}, kernel_size={self.kernel_size}{extra}")
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor,
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return conv_nd(x, weight, bias, self._ones, self._padding, self._ones, 1)
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              groups: int = 1) -> torch.Tensor:
+        return conv_nd(x, weight, bias, self._ones, self._padding, self._ones, groups)
+
+    def _projection_bias(self) -> torch.Tensor:
+        # b_l rides on the block of window slot 0 only, so each window sum has it once.
+        if self.window == 1:
+            return self.window_bias
+        return F.pad(self.window_bias, ((self.window - 1) * self.order * self.rank, 0))
 
     def project(self, state: torch.Tensor) -> torch.Tensor:
-        """Convolve one state with every window kernel at once (no bias).
+        """Convolve one state with every window kernel at once.
 
-        Returns ``[batch, order * window * rank, *spatial]``; channel block
-        ``(l * window + j) * rank ...`` holds ``W_{l+1,j} * state``.
+        Returns ``[batch, window * order * rank, *spatial]``, channel block ``(d, l)`` as in
+        :attr:`window_weight`; the window biases are added to the blocks of slot 0
+        (``d = window - 1``).
         """
-        weight = self.window_weight.reshape(
-            self.projection_channels, self.in_channels, *self.kernel_size)
-        return self._conv(state, weight, None)
+        return self._conv(state, self.window_weight, self._projection_bias())
 
-    def tensor_train(self, projections: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``T_P`` (``rank`` channels) from the projections of the last ``steps`` states.
+    def _block(self, projection: torch.Tensor, d: int, core: int) -> torch.Tensor:
+        start = (d * self.order + core) * self.rank
+        return projection[:, start:start + self.rank]
 
-        ``projections[i]`` is :meth:`project` of state ``i`` (oldest first).
-        """
-        if len(projections) != self.steps:
-            raise ValueError(
-                f"ConvTT: expected the projections of {self.steps} states, "
-                f"got {len(projections)}"
-            )
+    def tensor_train(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``T_P`` (``rank`` channels) of ``steps`` raw states, oldest first."""
+        projections = [self.project(s) for s in states]
         rank, window = self.rank, self.window
-        shape = (1, rank) + (1,) * self.n_dim
         train: Optional[torch.Tensor] = None
         for core in range(self.order):
-            # U_core = sum_j W_{core,j} * state_{core+j}: the matching slice of each
-            # cached projection (state core+j met this core's window slot j).
-            window_sum: Optional[torch.Tensor] = None
-            for j in range(window):
-                start = (core * window + j) * rank
-                part = projections[core + j][:, start:start + rank]
-                window_sum = part if window_sum is None else window_sum + part
-            assert window_sum is not None
+            # U = sum_j W_{core,j} * s_{core+j}: block d = window - 1 - j of each projection.
+            u = self._block(projections[core], window - 1, core)
+            for j in range(1, window):
+                u = u + self._block(projections[core + j], window - 1 - j, core)
             if train is None:
-                train = window_sum + self.window_bias[0].view(shape)
+                train = u
             else:
-                # K_{core} * T + (its bias + b_core) + window sum: one bias vector.
-                bias = self.core_bias[core - 1] + self.window_bias[core]
-                train = self._conv(train, self.core_weight[core - 1], bias) + window_sum
+                rows = slice((core - 1) * rank, core * rank)
+                train = self._conv(train, self.core_weight[rows], self.core_bias[rows]) + u
         assert train is not None
         return train
 
-    def from_projections(self, projections: Sequence[torch.Tensor],
-                         x: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The output from cached projections (see :meth:`project`) and the extra input."""
-        train = self.tensor_train(projections)
+    def _output(self, train: torch.Tensor, x: Optional[torch.Tensor]) -> torch.Tensor:
         if self.input_channels:
             if x is None:
                 raise ValueError(
@@ -359,7 +375,7 @@ class ConvTT(nn.Module):
             raise ValueError("ConvTT was built with input_channels=0 but x was given")
         return self._conv(train, self.output_weight, self.output_bias)
 
-    def forward(self, states: Sequence[torch.Tensor],
+    def forward(self, states: Union[torch.Tensor, Sequence[torch.Tensor]],
                 x: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Apply the module to the last ``steps`` states.
 
@@ -388,7 +404,80 @@ class ConvTT(nn.Module):
             raise ValueError(f"ConvTT: expected {self.steps} states, got {len(states)}")
         for i, state in enumerate(states):
             _check_input(state, self.n_dim, self.in_channels, f"states[{i}]", "ConvTT")
-        return self.from_projections([self.project(s) for s in states], x)
+        return self._output(self.tensor_train(states), x)
+
+    # -- streaming over a sequence
+
+    def initial_stream(self, like: torch.Tensor, channels_last: bool = False,
+                       dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
+        """The stream before the first step, when every past state is zero.
+
+        Parameters
+        ----------
+        like : torch.Tensor
+            ``[batch, any, *spatial]``: batch and spatial size, device (and default dtype).
+        channels_last : bool
+            Lay the stream's tensors out channels-last.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(pending, *partial_window_sums)``, each ``[batch, order * rank, *spatial]``:
+            ``pending`` holds ``T_l`` for time ``P - l`` (``l = 1..P``; the last block is
+            ``T_P`` of the first step) and the ``window - 1`` partial window sums are those
+            of the next updates. With zero states all of them come from the biases only,
+            so the stream depends on the parameters: build it in the forward pass.
+        """
+        dtype = like.dtype if dtype is None else dtype
+        spatial = tuple(like.shape[2:])
+        rank, order = self.rank, self.order
+        ones = (1,) * self.n_dim
+        bias = self.window_bias.view(1, order * rank, *ones)
+        image = bias.expand(1, order * rank, *spatial)
+        # T_l of all-zero windows: B_1 = b_1, B_l = b_l + K_{l-1} * B_{l-1} (one sample).
+        trains = [image[:, :rank]]
+        for core in range(1, order):
+            rows = slice((core - 1) * rank, core * rank)
+            trains.append(image[:, core * rank:(core + 1) * rank] + self._conv(
+                trains[-1], self.core_weight[rows], self.core_bias[rows]))
+        stream = [torch.cat(trains, dim=1)] + [image] * (self.window - 1)
+        out = []
+        for tensor in stream:
+            # Materialised per sample, in the wanted layout and (at least) the wanted dtype.
+            out.append(zeros_state(like, order * rank, channels_last, dtype) + tensor)
+        return tuple(out)
+
+    def stream_output(self, stream: Sequence[torch.Tensor],
+                      x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The output at the current step: ``K_P * concat(x, T_P) + b``."""
+        if len(stream) != self.window:
+            raise ValueError(
+                f"ConvTT: a stream holds {self.window} tensors, got {len(stream)}")
+        return self._output(stream[0][:, (self.order - 1) * self.rank:], x)
+
+    def stream_update(self, stream: Sequence[torch.Tensor],
+                      state: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The stream after a new state ``h_t``: one projection and one grouped conv."""
+        width = self.order * self.rank
+        projection = self.project(state)
+        pending, partials = stream[0], stream[1:]
+        if self.window == 1:
+            sums = projection
+            new_partials: Tuple[torch.Tensor, ...] = ()
+        else:
+            # Block d of the projection joins the window sum of the update d steps ahead.
+            sums = projection[:, :width] + partials[0]
+            new_partials = tuple(
+                projection[:, (d + 1) * width:(d + 2) * width] + partials[d + 1]
+                for d in range(self.window - 2)
+            ) + (projection[:, (self.window - 1) * width:],)
+        if self.order == 1:
+            return (sums,) + new_partials
+        rank = self.rank
+        advanced = self._conv(pending[:, :width - rank], self.core_weight, self.core_bias,
+                              groups=self.order - 1)
+        pending = torch.cat((sums[:, :rank], sums[:, rank:] + advanced), dim=1)
+        return (pending,) + new_partials
 
 
 # ---------------------------------------------------------------------------- cells
@@ -424,28 +513,49 @@ class _ConvLSTMBase(nn.Module):
                   h: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def initial_state(self, x: torch.Tensor, channels_last: Optional[bool] = None,
-                      dtype: Optional[torch.dtype] = None) -> LSTMState:
-        """The all-zero state of the maths for inputs shaped like ``x``.
-
-        Parameters
-        ----------
-        x : torch.Tensor
-            Any tensor ``[batch, channels, *spatial]`` with the batch size, spatial size,
-            device and dtype of the cell's inputs (its values and channels are not read).
-        channels_last : bool, optional
-            Lay the state out channels-last (default: as ``x`` is laid out).
-        dtype : torch.dtype, optional
-            Default: ``x``'s dtype.
-        """
+    def _input_like(self, x: Union[torch.Tensor, Sequence[int]], channels_last: Optional[bool],
+                    dtype: Optional[torch.dtype], device) -> Tuple[torch.Tensor, bool]:
+        """An empty ``[batch, 0, *spatial]`` tensor standing for the input, and the layout."""
+        if not isinstance(x, torch.Tensor):
+            shape = tuple(x)
+            if len(shape) != self.n_dim + 2 or not all(isinstance(n, int) for n in shape):
+                raise ValueError(
+                    f"{type(self).__name__}.initial_state: the input shape must be [batch, "
+                    f"channels, <{self.n_dim} spatial sizes>], got {x!r}")
+            if device is None or dtype is None:
+                reference = next(self.parameters())
+                device = reference.device if device is None else device
+                dtype = reference.dtype if dtype is None else dtype
+            return (torch.empty((shape[0], 0, *shape[2:]), dtype=dtype, device=device),
+                    bool(channels_last))
         if x.dim() != self.n_dim + 2:
             raise ValueError(
                 f"{type(self).__name__}.initial_state: x must be [batch, channels, "
                 f"<{self.n_dim} spatial sizes>], got shape {tuple(x.shape)}")
         if channels_last is None:
             channels_last = is_channels_last(x)
-        cell = zeros_state(x, self.hidden_channels, channels_last, dtype)
-        memory = tuple(zeros_state(x, c, channels_last, dtype) for c in self._memory_channels())
+        like = torch.empty((x.shape[0], 0, *x.shape[2:]), dtype=dtype or x.dtype,
+                           device=x.device if device is None else device)
+        return like, channels_last
+
+    def initial_state(self, x: Union[torch.Tensor, Sequence[int]],
+                      channels_last: Optional[bool] = None,
+                      dtype: Optional[torch.dtype] = None, device=None) -> LSTMState:
+        """The state of the maths at ``t = 0`` (all past states zero) for inputs like ``x``.
+
+        Parameters
+        ----------
+        x : torch.Tensor or tuple of int
+            An input ``[batch, channels, *spatial]`` of the cell, or just its shape. Of a
+            tensor only the batch and spatial sizes, layout, device and dtype are used.
+        channels_last : bool, optional
+            Lay the state out channels-last (default: as ``x`` is laid out).
+        dtype, device : optional
+            Default: ``x``'s (for a shape, the parameters').
+        """
+        like, channels_last = self._input_like(x, channels_last, dtype, device)
+        cell = zeros_state(like, self.hidden_channels, channels_last)
+        memory = tuple(zeros_state(like, c, channels_last) for c in self._memory_channels())
         return LSTMState(cell, memory)
 
     def forward(self, x: torch.Tensor,
@@ -576,8 +686,9 @@ class ConvTTLSTMCell(_ConvLSTMBase):
 
     The gates are ``K_P * concat(x_t, T_P) + b``, where ``T_P`` is the tensor train of a
     :class:`ConvTT` over the last ``steps`` hidden states; ``h_{t-1}`` reaches the gates
-    only through it. The state's memory holds the projections (:meth:`ConvTT.project`)
-    of the last ``steps`` hidden states, so each hidden state is convolved once.
+    only through it. The state's memory is the :class:`ConvTT` stream: each hidden state
+    is convolved once with all window kernels and the tensor train advances with one
+    grouped convolution per step (see :class:`ConvTT`).
 
     Parameters
     ----------
@@ -613,11 +724,24 @@ class ConvTTLSTMCell(_ConvLSTMBase):
         return (f"{self.in_channels}, {self.hidden_channels}, kernel_size={self.kernel_size}, "
                 f"order={self.order}, steps={self.steps}, rank={self.rank}")
 
+    def initial_state(self, x: Union[torch.Tensor, Sequence[int]],
+                      channels_last: Optional[bool] = None,
+                      dtype: Optional[torch.dtype] = None, device=None) -> LSTMState:
+        """The state of the maths at ``t = 0`` (all past states zero) for inputs like ``x``.
+
+        The memory is :meth:`ConvTT.initial_stream`, which is computed from the biases and
+        cores: build the state inside the forward pass whose loss is differentiated, once
+        per sequence. See :meth:`HigherOrderConvLSTMCell.initial_state` for the arguments.
+        """
+        like, channels_last = self._input_like(x, channels_last, dtype, device)
+        cell = zeros_state(like, self.hidden_channels, channels_last)
+        return LSTMState(cell, self.tt.initial_stream(like, channels_last))
+
     def _memory_channels(self) -> List[int]:
-        return [self.tt.projection_channels] * self.steps
+        return []
 
     def _gates(self, x, memory):
-        return self.tt.from_projections(memory, x)
+        return self.tt.stream_output(memory, x)
 
     def _remember(self, memory, h):
-        return tuple(memory[1:]) + (self.tt.project(h),)
+        return self.tt.stream_update(memory, h)

@@ -666,7 +666,11 @@ def load_nvlabs_checkpoint(path_or_state_dict: Union[str, os.PathLike, Mapping[s
     ``[R, L*H, k, k]`` (the window's states concatenated on channels, oldest first), and the
     1x1 output conv as ``layers.output``. Files may wrap the state dict as
     ``{"model_state_dict": ...}`` and keys may carry DistributedDataParallel's ``module.``
-    prefix. The network computes the maths of the paper's cell (REFERENCE.md section 1).
+    prefix. The network computes the maths of the paper's cell (REFERENCE.md section 1),
+    which is what the release's training code computes. (Its evaluation code advances the
+    ring buffer of past states modulo ``order`` instead of ``steps``; that only differs when
+    ``steps > order``, and both official checkpoints have ``steps == order``.)
+    Predictions are not clamped: the release clamps them to ``[0, 1]`` when evaluating.
 
     Parameters
     ----------
@@ -714,24 +718,26 @@ def _convert_release_state(state: Mapping[str, torch.Tensor],
                 weight = state[f"{src}layers_.{i}.weight"]
                 rank = weight.shape[0]
                 if weight.dim() == 5:  # Conv3d [R, H, k, k, L] -> [L, R, H, k, k]
-                    windows.append(weight.permute(4, 0, 1, 2, 3))
+                    by_slot = weight.permute(4, 0, 1, 2, 3)
                 else:  # Conv2d [R, L*H, k, k] -> [L, R, H, k, k]
                     r, lh, kh, kw = weight.shape
-                    windows.append(
-                        weight.reshape(r, window, lh // window, kh, kw).permute(1, 0, 2, 3, 4))
-            out[dst + "window_weight"] = torch.stack(windows).contiguous()
-            out[dst + "window_bias"] = torch.stack(
+                    by_slot = weight.reshape(r, window, lh // window, kh, kw).permute(1, 0, 2, 3, 4)
+                # Our blocks count window slots back from the newest state.
+                windows.append(by_slot.flip(0))
+            stacked = torch.stack(windows, dim=1)  # [L, P, R, H, k, k]
+            out[dst + "window_weight"] = stacked.reshape(-1, *stacked.shape[3:]).contiguous()
+            out[dst + "window_bias"] = torch.cat(
                 [state[f"{src}layers_.{i}.bias"] for i in range(order)])
             gate = state[f"{src}layers.{order - 1}.weight"]
             k = gate.shape[-1]
             if order > 1:
-                out[dst + "core_weight"] = torch.stack(
+                out[dst + "core_weight"] = torch.cat(
                     [state[f"{src}layers.{i}.weight"] for i in range(order - 1)])
-                out[dst + "core_bias"] = torch.stack(
+                out[dst + "core_bias"] = torch.cat(
                     [state[f"{src}layers.{i}.bias"] for i in range(order - 1)])
             else:
-                out[dst + "core_weight"] = gate.new_zeros((0, rank, rank, k, k))
-                out[dst + "core_bias"] = gate.new_zeros((0, rank))
+                out[dst + "core_weight"] = gate.new_zeros((0, rank, k, k))
+                out[dst + "core_bias"] = gate.new_zeros((0,))
             out[dst + "output_weight"] = gate
             out[dst + "output_bias"] = state[f"{src}layers.{order - 1}.bias"]
     out["output.weight"] = state["layers.output.weight"]

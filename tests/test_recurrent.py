@@ -197,12 +197,26 @@ def test_convtt_parameter_count_matches_its_formula():
     assert tt.projection_channels == order * window * rank
 
 
-def test_lstm_update_equals_the_gate_equations():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lstm_update_and_its_gradient_equal_the_gate_equations(channels_last):
     torch.manual_seed(0)
-    gates = torch.randn(2, 12, 4, 4, dtype=torch.float64)
-    c = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    for a, b in zip(tt_conv.lstm_update(gates, c), lstm_reference(gates, c)):
+    gates = torch.randn(2, 12, 4, 5, dtype=torch.float64)
+    c = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    if channels_last:
+        gates = gates.contiguous(memory_format=torch.channels_last)
+        c = c.contiguous(memory_format=torch.channels_last)
+    gates.requires_grad_()
+    c.requires_grad_()
+    got, want = tt_conv.lstm_update(gates, c), lstm_reference(gates, c)
+    for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+    # The hand-written backward against autograd through the reference.
+    weights = [torch.randn_like(t) for t in want]
+    grads = [torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, out)), (gates, c))
+             for out in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(tt_conv.lstm_update, (gates, c))
 
 
 @pytest.mark.parametrize("n_dim", [2, 3])
@@ -225,8 +239,9 @@ def test_initial_state_is_shaped_for_the_input():
     state = cell.initial_state(x)
     assert isinstance(state, LSTMState)
     assert state.cell.shape == (7, 3, 6, 8) and float(state.cell.abs().sum()) == 0.0
-    # The tensor-train stream of all-zero past states: window (3) tensors of order * rank.
-    assert [m.shape for m in state.memory] == [(7, 10, 6, 8)] * 3
+    # The tensor-train stream of all-zero past states: T_P, the inner cores' values and
+    # window - 1 = 2 partial window sums.
+    assert [m.shape for m in state.memory] == [(7, 5, 6, 8), (7, 5, 6, 8)] + [(7, 10, 6, 8)] * 2
     from_shape = cell.initial_state((7, 2, 6, 8), dtype=torch.float64)
     assert from_shape.cell.shape == (7, 3, 6, 8) and from_shape.cell.dtype == torch.float64
     assert [m.shape for m in from_shape.memory] == [m.shape for m in state.memory]

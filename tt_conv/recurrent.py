@@ -141,6 +141,61 @@ def zeros_state(
     return storage.permute(0, n + 1, *range(1, n + 1))
 
 
+def _empty_state(like: torch.Tensor, channels: int, channels_last: bool) -> torch.Tensor:
+    """Uninitialised ``[batch, channels, *spatial]`` like ``like``, optionally channels-last."""
+    batch, spatial = like.shape[0], like.shape[2:]
+    if channels_last:
+        n = len(spatial)
+        storage = like.new_empty((batch, *spatial, channels))
+        return storage.permute(0, n + 1, *range(1, n + 1))
+    return like.new_empty((batch, channels, *spatial))
+
+
+class _LSTMPointwise(torch.autograd.Function):
+    """The LSTM's pointwise step with a hand-written backward.
+
+    Autograd would run about a dozen pointwise kernels (plus zero fills and
+    concatenations) for the backward of these few lines; here the gradient of the four
+    gates is written straight into one tensor in about half as many kernels, and only
+    the activations are saved. Every kernel is a pass over memory and, on a CPU, a
+    thread-synchronisation point, so this matters most when other jobs share the cores.
+    """
+
+    @staticmethod
+    def forward(ctx, gates: torch.Tensor, cell: torch.Tensor):
+        hidden = cell.shape[1]
+        sig = torch.sigmoid(gates[:, :3 * hidden])
+        tanh_g = torch.tanh(gates[:, 3 * hidden:])
+        i, f, o = sig.chunk(3, dim=1)
+        c = torch.addcmul(f * cell, i, tanh_g)
+        tanh_c = torch.tanh(c)
+        h = o * tanh_c
+        ctx.save_for_backward(sig, tanh_g, cell, tanh_c)
+        ctx.gates_channels_last = is_channels_last(gates)
+        return h, c
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h: torch.Tensor, grad_c: torch.Tensor):
+        sig, tanh_g, cell, tanh_c = ctx.saved_tensors
+        hidden = cell.shape[1]
+        i, f, o = sig.chunk(3, dim=1)
+        # dL/dc_t: from c_t's own consumers and through h_t = o tanh(c_t).
+        grad_cell = torch.ops.aten.tanh_backward(grad_h * o, tanh_c)
+        grad_cell += grad_c
+        # The convolution that made the gates wants its gradient in the same layout.
+        grad_gates = _empty_state(cell, 4 * hidden, ctx.gates_channels_last)
+        torch.mul(grad_cell, tanh_g, out=grad_gates[:, :hidden])                # i
+        torch.mul(grad_cell, cell, out=grad_gates[:, hidden:2 * hidden])        # f
+        torch.mul(grad_h, tanh_c, out=grad_gates[:, 2 * hidden:3 * hidden])     # o
+        head = grad_gates[:, :3 * hidden]
+        torch.ops.aten.sigmoid_backward.grad_input(head, sig, grad_input=head)
+        tail = grad_gates[:, 3 * hidden:]                                       # g
+        torch.mul(grad_cell, i, out=tail)
+        torch.ops.aten.tanh_backward.grad_input(tail, tanh_g, grad_input=tail)
+        return grad_gates, grad_cell * f
+
+
 def lstm_update(gates: torch.Tensor, cell: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The LSTM's pointwise step from gate pre-activations ``[i, f, o, g]``.
 
@@ -159,22 +214,30 @@ def lstm_update(gates: torch.Tensor, cell: torch.Tensor) -> Tuple[torch.Tensor, 
         The pointwise maths runs in the wider of the two input dtypes, and so does ``c_t``
         (float32 under bf16 autocast, where the state starts in float32: the cell state
         accumulates in full precision); ``h_t`` has the gates' dtype (what the next
-        convolutions read anyway: casting once here saves a cast per consumer).
+        convolutions read anyway: casting once here saves a cast per consumer). The
+        backward pass is hand-written (first derivatives only).
     """
-    hidden = cell.shape[1]
     out_dtype = gates.dtype
     if gates.dtype != cell.dtype:
         # Mixed precision (bf16 gates, fp32 cell state): one cast in, one cast out, and
         # every pointwise op in one dtype; mixed-dtype ops would cast inside each op, in
         # the forward and again in the backward pass.
         gates = gates.to(torch.promote_types(gates.dtype, cell.dtype))
-    # Two activation calls over contiguous channel ranges instead of four; split (not
-    # slicing) so that autograd joins the gradients with one concatenation.
+        cell = cell.to(gates.dtype)
+    if torch.compiler.is_compiling():
+        # The compiler fuses the plain formulation (forward and backward) by itself.
+        h, c = _lstm_pointwise(gates, cell)
+    else:
+        h, c = _LSTMPointwise.apply(gates, cell)
+    return h.to(out_dtype), c
+
+
+def _lstm_pointwise(gates: torch.Tensor, cell: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    hidden = cell.shape[1]
     sig, g = gates.split((3 * hidden, hidden), dim=1)
     i, f, o = torch.sigmoid(sig).chunk(3, dim=1)
     c = torch.addcmul(f * cell, i, torch.tanh(g))
-    h = o * torch.tanh(c)
-    return h.to(out_dtype), c
+    return o * torch.tanh(c), c
 
 
 # ---------------------------------------------------------------------------- ConvTT
@@ -422,62 +485,68 @@ class ConvTT(nn.Module):
         Returns
         -------
         tuple of torch.Tensor
-            ``(pending, *partial_window_sums)``, each ``[batch, order * rank, *spatial]``:
-            ``pending`` holds ``T_l`` for time ``P - l`` (``l = 1..P``; the last block is
-            ``T_P`` of the first step) and the ``window - 1`` partial window sums are those
-            of the next updates. With zero states all of them come from the biases only,
-            so the stream depends on the parameters: build it in the forward pass.
+            ``(train, inner, *partial_window_sums)``: ``train`` is ``T_P`` of the first
+            step (``rank`` channels), ``inner`` holds ``T_l`` for time ``P - l``,
+            ``l = 1..P-1`` (``(order - 1) * rank`` channels), and the ``window - 1``
+            partial window sums (``order * rank`` channels each) belong to the next
+            updates. With zero states all of them come from the biases only, so the stream
+            depends on the parameters: build it in the forward pass, once per sequence.
         """
         dtype = like.dtype if dtype is None else dtype
         spatial = tuple(like.shape[2:])
         rank, order = self.rank, self.order
         ones = (1,) * self.n_dim
-        bias = self.window_bias.view(1, order * rank, *ones)
-        image = bias.expand(1, order * rank, *spatial)
+        image = self.window_bias.view(1, order * rank, *ones).expand(1, order * rank, *spatial)
         # T_l of all-zero windows: B_1 = b_1, B_l = b_l + K_{l-1} * B_{l-1} (one sample).
         trains = [image[:, :rank]]
         for core in range(1, order):
             rows = slice((core - 1) * rank, core * rank)
             trains.append(image[:, core * rank:(core + 1) * rank] + self._conv(
                 trains[-1], self.core_weight[rows], self.core_bias[rows]))
-        stream = [torch.cat(trains, dim=1)] + [image] * (self.window - 1)
-        out = []
-        for tensor in stream:
-            # Materialised per sample, in the wanted layout and (at least) the wanted dtype.
-            out.append(zeros_state(like, order * rank, channels_last, dtype) + tensor)
-        return tuple(out)
+        parts = [trains[-1], torch.cat(trains[:-1], dim=1) if order > 1 else image[:, :0]]
+        parts += [image] * (self.window - 1)
+        # Materialised per sample, in the wanted layout and (at least) the wanted dtype.
+        return tuple(zeros_state(like, part.shape[1], channels_last, dtype) + part
+                     for part in parts)
 
     def stream_output(self, stream: Sequence[torch.Tensor],
                       x: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The output at the current step: ``K_P * concat(x, T_P) + b``."""
-        if len(stream) != self.window:
+        if len(stream) != self.window + 1:
             raise ValueError(
-                f"ConvTT: a stream holds {self.window} tensors, got {len(stream)}")
-        return self._output(stream[0][:, (self.order - 1) * self.rank:], x)
+                f"ConvTT: a stream holds {self.window + 1} tensors, got {len(stream)}")
+        return self._output(stream[0], x)
 
     def stream_update(self, stream: Sequence[torch.Tensor],
                       state: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The stream after a new state ``h_t``: one projection and one grouped conv."""
-        width = self.order * self.rank
+        width, rank, order = self.order * self.rank, self.rank, self.order
+        inner, partials = stream[1], stream[2:]
         projection = self.project(state)
-        pending, partials = stream[0], stream[1:]
+        # split (not slicing): autograd joins the parts' gradients with one concatenation
+        # instead of zero-filling a full-size gradient per slice.
         if self.window == 1:
             sums = projection
             new_partials: Tuple[torch.Tensor, ...] = ()
         else:
             # Block d of the projection joins the window sum of the update d steps ahead.
-            sums = projection[:, :width] + partials[0]
-            new_partials = tuple(
-                projection[:, (d + 1) * width:(d + 2) * width] + partials[d + 1]
-                for d in range(self.window - 2)
-            ) + (projection[:, (self.window - 1) * width:],)
-        if self.order == 1:
-            return (sums,) + new_partials
-        rank = self.rank
-        advanced = self._conv(pending[:, :width - rank], self.core_weight, self.core_bias,
-                              groups=self.order - 1)
-        pending = torch.cat((sums[:, :rank], sums[:, rank:] + advanced), dim=1)
-        return (pending,) + new_partials
+            blocks = projection.split(width, dim=1)
+            sums = blocks[0] + partials[0]
+            new_partials = tuple(blocks[d + 1] + partials[d + 1]
+                                 for d in range(self.window - 2)) + (blocks[-1],)
+        if order == 1:
+            return (sums, inner) + new_partials
+        windows = sums.split(rank, dim=1)
+        # All inner cores at once: K_l reads T_l, which the previous update produced.
+        advanced = self._conv(inner, self.core_weight, self.core_bias,
+                              groups=order - 1).split(rank, dim=1)
+        train = windows[order - 1] + advanced[order - 2]
+        if order == 2:
+            inner = windows[0]
+        else:
+            inner = torch.cat([windows[0]] + [windows[l] + advanced[l - 1]
+                                              for l in range(1, order - 1)], dim=1)
+        return (train, inner) + new_partials
 
 
 # ---------------------------------------------------------------------------- cells

@@ -186,6 +186,20 @@ def test_convtt_module_on_its_own(order, steps):
     torch.testing.assert_close(tt_x(states, x), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("order,steps", [(1, 1), (1, 3), (2, 2), (2, 4), (3, 5)])
+def test_convtt_stream_equals_the_module_on_the_last_states(order, steps):
+    torch.manual_seed(0)
+    tt = randomize_(ConvTT(3, 4, order, steps, rank=2, kernel_size=3, dtype=torch.float64))
+    states = inputs(2, steps + 2, channels=3)
+    stream = tt.initial_stream(states[0])
+    zeros = [torch.zeros_like(states[0])] * steps
+    for t, state in enumerate(states):
+        window = (zeros + states[:t])[-steps:]  # the last `steps` states, zeros before t=0
+        torch.testing.assert_close(tt.stream_output(stream), tt(window), rtol=1e-10,
+                                   atol=1e-12, msg=f"step {t}")
+        stream = tt.stream_update(stream, state)
+
+
 def test_convtt_parameter_count_matches_its_formula():
     cin, cout, order, steps, rank, k, extra = 6, 10, 3, 5, 4, 3, 2
     tt = ConvTT(cin, cout, order, steps, rank, k, input_channels=extra)

@@ -13,7 +13,8 @@ use "same" zero padding, so states keep the input's spatial size.
 The cells keep no state between calls: ``h, state = cell(x, state)`` takes the previous
 :class:`LSTMState` and returns the next one, which is what DistributedDataParallel,
 ``torch.compile`` and activation checkpointing need. ``cell.initial_state(x)`` builds the
-all-zero state of the maths for an input like ``x``.
+state of the maths at ``t = 0`` (all past states zero) for inputs like ``x``; passing
+``state=None`` does the same.
 
 Speed notes
 -----------
@@ -29,6 +30,10 @@ of those projections, so no convolution is ever recomputed at a later step. The 
 is advanced along its anti-diagonal: after each state, all ``order - 1`` inner cores run as
 ONE grouped convolution, each on the value its predecessor produced one step earlier
 (:class:`ConvTT` explains why that is the same recursion).
+
+The LSTM's pointwise step has a hand-written backward (:func:`lstm_update`) and, under bf16
+autocast, runs in float32 with one cast in and one out. States follow the input's memory
+layout; channels-last is the fast one on CPU.
 """
 
 from __future__ import annotations

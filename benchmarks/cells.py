@@ -4,10 +4,10 @@ One step = forward rollout with teacher forcing (scheduled sampling), L1 + MSE l
 every one-step output, backward, Adam. Default: the paper's network, batch 4, 64 x 64,
 10 -> 10 frames, 2 CPU threads, float32 and bf16 autocast.
 
-Every (cell, precision) runs in its own worker process (so each has its own peak memory),
-and the workers take turns, one step each per round, together with a dense 5x5
-convolution that measures what this machine can do in the same conditions: noise from other
-jobs then hits every configuration alike. Reported per configuration: median step time,
+Every (cell, precision) runs in its own worker process (so each has its own peak memory;
+it hands freed memory back between steps), and the workers take turns, one step each per
+round, together with a dense 5x5 convolution that measures what this machine can do in
+the same conditions: noise from other jobs then hits every configuration alike. Reported per configuration: median step time,
 sequences per second, FLOPs per step and achieved GFLOP/s (torch.utils.flop_counter, forward
 + backward, 2 FLOPs per multiply-add), that as a fraction of the dense convolution's
 throughput, and peak memory (the worker's peak resident set above its size before the first
@@ -61,6 +61,16 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _release_memory() -> None:
+    """Give freed heap memory back to the system (glibc), so idle workers stay small."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _model_worker(connection, spec: dict) -> None:
     """Builds one network and runs training steps on request ("flops", "step", "memory")."""
     import torch
@@ -97,11 +107,14 @@ def _model_worker(connection, spec: dict) -> None:
         if command == "flops":
             with FlopCounterMode(display=False) as counter:
                 step()
+            _release_memory()
             connection.send(counter.get_total_flops())
         elif command == "step":
             start = time.perf_counter()
             step()
-            connection.send(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            _release_memory()
+            connection.send(elapsed)
         elif command == "memory":
             connection.send((baseline, _peak_rss_bytes()))
         else:

@@ -18,3 +18,20 @@ __all__ = [
     "rank",
     "interop",
 ]
+from .recurrent import (
+    ConvLSTMCell,
+    ConvTT,
+    ConvTTLSTMCell,
+    HigherOrderConvLSTMCell,
+    LSTMState,
+    lstm_update,
+)
+
+__all__ += [
+    "ConvTT",
+    "ConvLSTMCell",
+    "HigherOrderConvLSTMCell",
+    "ConvTTLSTMCell",
+    "LSTMState",
+    "lstm_update",
+]

@@ -44,6 +44,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
+        # Data reach the disk before the rename makes them visible (a crash right after a
+        # checkpoint must not leave an empty file under the checkpoint's name).
+        with open(temporary_path, "rb+") as handle:
+            os.fsync(handle.fileno())
         # mkstemp creates the file 0600; give the result the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
@@ -68,3 +72,12 @@ def write_json_atomic(path: PathLike, value: Any) -> Path:
     perfect prediction has an infinite PSNR, and hiding that would misreport it.
     """
     return write_text_atomic(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(value: Any, path: PathLike) -> Path:
+    """``torch.save(value, path)``, atomically, and return the path."""
+    import torch
+
+    with atomic_path(path) as temporary:
+        torch.save(value, temporary)
+    return Path(path)

@@ -15,7 +15,11 @@ import sys
 from typing import List, Optional
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMAND_MODULES: List[str] = ["prepare"]
+COMMAND_MODULES: List[str] = [
+    "prepare",
+    "compare",
+    "convert_nvlabs",
+]
 
 
 class CommandError(Exception):

@@ -16,3 +16,9 @@ __all__ = [
     "decompose",
     "rank",
 ]
+
+from . import profile
+from .compress import compress, export, parse_rank
+from .report import CompressionReport, LayerReport
+
+__all__ += ["compress", "export", "parse_rank", "CompressionReport", "LayerReport", "profile"]

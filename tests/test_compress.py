@@ -1,11 +1,9 @@
 """Whole-model compression: selection, budgets, calibration, the report, export, bad input."""
 
-import copy
 import json
 import math
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -385,3 +383,29 @@ def test_bad_input():
 def test_bad_rank_specs(rank, message):
     with pytest.raises((ValueError, TypeError), match=message):
         tt_conv.parse_rank(rank)
+
+
+def test_data_fit_with_grouped_strided_and_padded_convolutions():
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2)), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(8, 6, (1, 3), padding="same", bias=False),
+    ).eval()
+    x = torch.randn(16, 4, 12, 10)
+    for factorization in ("tucker", "cp", "tt"):
+        compressed, report = tt_conv.compress(model, factorization, 0.5, calibration=x,
+                                              progress=False)
+        assert compressed(x).shape == model(x).shape
+        assert all(r.output_error is not None and math.isfinite(r.output_error)
+                   for r in report.layers)
+        assert report.model_output_error < 1.0
+
+
+def test_recompressing_a_compressed_model_keeps_biases():
+    model = make_cnn()
+    once, _ = tt_conv.compress(model, "tucker", 0.5, progress=False)
+    twice, report = tt_conv.compress(once, "cp", 0.5, progress=False)
+    assert twice[0].factorization == "cp"
+    assert torch.equal(twice[0].bias, once[0].bias)
+    assert report.layers[0].params_before == count_parameters(once[0])

@@ -31,7 +31,7 @@ from .profile import (
     layer_flops,
     model_flops,
 )
-from .report import CompressionReport, LayerReport, write_text_atomic
+from .report import CompressionReport, LayerReport
 
 FACTORIZATION_CHOICES = (*_rank.FACTORIZATIONS, "auto")
 _SELECTORS = ("params", "flops", "evbmf", "energy", "error")

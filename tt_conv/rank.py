@@ -10,6 +10,22 @@ Rank conventions, by factorization:
   modes kept), or ``(r_out, r_in, s_1, ..., s_d)`` for a full Tucker decomposition.
 * ``"tt"``: the ``d + 1`` inner tensor-train ranks over the modes
   ``(in, k_1, ..., k_d, out)``; the boundary ranks are always 1.
+
+Ways to choose ranks:
+
+* budgets: :func:`budget_rank` (parameters of one group), :func:`layer_budget_rank` (a
+  fraction of a conv's parameters or of its FLOPs on a given input, exact integer search,
+  never over budget);
+* EVBMF: :func:`evbmf` on a matrix (analytic global solution, exact threshold, noise
+  variance by bounded minimisation), :func:`evbmf_rank` on a kernel's unfoldings, with
+  MUSCO-style :func:`weakened_rank` and a minimum rank;
+* spectra: :func:`energy_rank` (keep a fraction of each unfolding's energy),
+  :func:`error_rank` (a relative error, guaranteed for Tucker and TT) and
+  :func:`tt_svd_rank` (the adaptive TT-SVD's ranks).
+
+Every data-driven rank is clipped to what the kernel allows (a single input channel gives
+``r_in = 1``, a 1x1 kernel caps the TT's spatial bonds, a minimum rank above a dimension
+becomes that dimension), so the result can always be used as it is.
 """
 
 from __future__ import annotations

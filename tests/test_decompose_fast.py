@@ -98,3 +98,17 @@ def test_tucker_of_a_one_by_one_kernel_is_the_svd_truncation():
     assert D.relative_error(approx.reshape(30, 20), matrix) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError, match="clip"):
         D.tucker(matrix.reshape(30, 20, 1, 1), [31, 5])
+
+
+def test_cp_is_at_least_as_accurate_as_tensorly_parafac():
+    # The hand-written ALS replaces TensorLy's parafac for speed; it must not cost accuracy.
+    from tensorly.decomposition import parafac
+
+    generator = torch.Generator().manual_seed(3)
+    tensor = torch.randn(16, 12, 3, 3, generator=generator, dtype=torch.float64)
+    with tl.backend_context("pytorch"):
+        ours = tl.cp_to_tensor(D.cp(tensor, 10))
+        reference = tl.cp_to_tensor(parafac(tensor, 10, n_iter_max=150, tol=1e-8, init="svd"))
+    ours_error = D.relative_error(ours, tensor)
+    reference_error = D.relative_error(reference, tensor)
+    assert ours_error <= reference_error * 1.02, (ours_error, reference_error)

@@ -35,3 +35,9 @@ __all__ += [
     "LSTMState",
     "lstm_update",
 ]
+
+from . import profile
+from .compress import compress, export, parse_rank
+from .report import CompressionReport, LayerReport
+
+__all__ += ["compress", "export", "parse_rank", "CompressionReport", "LayerReport", "profile"]

@@ -1,10 +1,15 @@
-"""Decompose convolution kernels through TensorLy.
+"""Decompose convolution kernels (CP, Tucker, tensor train).
 
-Each function takes one group's kernel as a torch tensor, runs TensorLy's PyTorch backend
-inside :func:`tensorly.backend_context` (the global backend is never switched), computes in
-float32 or float64 whatever the kernel's dtype (SVDs are not available in half precision),
-and returns torch tensors in that working precision on the kernel's device. Callers cast
-back to the layer's dtype.
+Each function takes one group's kernel as a torch tensor, computes in float32 or float64
+whatever the kernel's dtype (SVDs are not available in half precision), and returns torch
+tensors in that working precision on the kernel's device; callers cast back to the layer's
+dtype. TensorLy runs under :func:`tensorly.backend_context` (the global backend is never
+switched): TT-SVD is :func:`tensorly.decomposition.tensor_train`, and CP's ``"svd"`` and
+``"random"`` starts are TensorLy's. CP-ALS and Tucker's HOOI are written here on Gram
+matrices and two contractions per sweep: TensorLy's ``parafac`` forms a Khatri-Rao product
+per mode and ``partial_tucker`` an SVD of each long unfolding, which made factorizing every
+convolution of a ResNet-50 take minutes. The tests check both against TensorLy (same
+Tucker subspaces; CP errors no larger than ``parafac``'s).
 """
 
 from __future__ import annotations
@@ -15,8 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import tensorly as tl
 import torch
-from tensorly.cp_tensor import CPTensor
-from tensorly.decomposition import parafac, partial_tucker, tensor_train
+from tensorly.decomposition import tensor_train
 
 from .rank import max_cp_rank
 
@@ -70,85 +74,47 @@ def exact_cp(tensor: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     return torch.ones(rank, dtype=tensor.dtype, device=tensor.device), factors
 
 
-def _rank_one(tensor: torch.Tensor) -> List[torch.Tensor]:
-    """Vectors whose outer product best approximates ``tensor`` (truncated HOSVD, rank 1)."""
-    vectors = []
-    for mode in range(tensor.dim()):
-        unfolding = tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
-        u, _, _ = torch.linalg.svd(unfolding, full_matrices=False)
-        vectors.append(u[:, 0])
-    scale = tensor
-    for vector in vectors:
-        scale = torch.tensordot(vector, scale, dims=([0], [0]))
-    vectors[0] = vectors[0] * scale
-    return vectors
-
-
-def gevd_init(tensor: torch.Tensor, rank: int) -> Optional[Tuple[torch.Tensor, List[torch.Tensor]]]:
-    """An algebraic CP initialisation by a generalized eigenvalue decomposition.
-
-    For a tensor of exact CP rank ``R`` no larger than its two largest dimensions ``I_a``
-    and ``I_b``, project it on the leading ``R`` singular vectors of modes ``a`` and ``b``,
-    combine the remaining modes into two ``R x R`` slices ``S_1 = A D_1 B^T`` and
-    ``S_2 = A D_2 B^T`` (``D`` diagonal), and read ``A`` off the eigenvectors of
-    ``S_1 S_2^{-1} = A D_1 D_2^{-1} A^{-1}``. The other factors follow by least squares
-    and a rank-one fit per term. Exact for exactly low-rank tensors in general position,
-    a good start otherwise; ``None`` where it does not apply.
-    """
-    shape = tuple(tensor.shape)
-    order = sorted(range(len(shape)), key=lambda i: -shape[i])
-    a, b = order[0], order[1]
-    rest = [i for i in range(len(shape)) if i not in (a, b)]
-    if rank > shape[b] or rank < 2 or math.prod(shape[i] for i in rest) < 2:
-        return None
-    t3 = tensor.permute(a, b, *rest).reshape(shape[a], shape[b], -1)
-    u_a = torch.linalg.svd(t3.reshape(shape[a], -1), full_matrices=False)[0][:, :rank]
-    u_b = torch.linalg.svd(t3.transpose(0, 1).reshape(shape[b], -1), full_matrices=False)[0][:, :rank]
-    core = torch.einsum("ijk,ir,js->rsk", t3, u_a, u_b)
-    # The two dominant combinations of the remaining modes' slices.
-    weights = torch.linalg.svd(core.reshape(rank * rank, -1), full_matrices=False)[2][:2]
-    s1 = torch.einsum("rsk,k->rs", core, weights[0])
-    s2 = torch.einsum("rsk,k->rs", core, weights[1])
-    try:
-        eigenvectors = torch.linalg.eig(torch.linalg.solve(s2.T, s1.T).T)[1]
-    except RuntimeError:  # singular slice: no algebraic start
-        return None
-    factor_a = u_a @ eigenvectors.real.to(tensor.dtype)
-    factor_a = factor_a / torch.linalg.vector_norm(factor_a, dim=0).clamp_min(1e-300)
-    # Least squares for the Khatri-Rao product of the other modes, then one rank-one fit
-    # per term.
-    unfolding = tensor.movedim(a, 0).reshape(shape[a], -1)
-    others = torch.linalg.lstsq(factor_a, unfolding).solution  # (R, prod(other dims))
-    other_modes = [i for i in range(len(shape)) if i != a]
-    columns = [_rank_one(others[r].reshape([shape[i] for i in other_modes])) for r in range(rank)]
-    factors: List[torch.Tensor] = [None] * len(shape)  # type: ignore[list-item]
-    factors[a] = factor_a
-    for position, mode in enumerate(other_modes):
-        factors[mode] = torch.stack([column[position] for column in columns], dim=1)
-    return torch.ones(rank, dtype=tensor.dtype, device=tensor.device), factors
-
-
 def cp(
     kernel: torch.Tensor,
     rank: int,
     *,
     n_iter_max: int = 100,
     ridge: Sequence[float] = (1e-3, 1e-5, 1e-7),
-    tol: float = 1e-9,
-    init="auto",
-    linesearch: bool = False,
+    tol: float = 1e-3,
+    init="structured",
+    linesearch: bool = True,
     random_state: Optional[int] = 0,
-    precision: Optional[str] = "float64",
+    precision: Optional[str] = "mixed",
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """CP decomposition of a kernel by regularised alternating least squares.
 
     Plain ALS on a kernel that is not exactly low rank drifts into *degenerate* solutions:
     rank-one terms far larger than the kernel that cancel each other, which is harmless in
-    float64 and ruinous under bf16/fp16 autocast. Here ALS
-    (:func:`tensorly.decomposition.parafac`) runs in stages with a ridge penalty that
-    decreases from stage to stage (``ridge``, relative to the kernel's scale), each stage
-    starting from the last: the early stages keep the terms small, the last one is nearly
-    unregularised, so exactly low-rank kernels are still recovered to about 1e-6.
+    float64 and ruinous under bf16/fp16 autocast. Here ALS runs in stages with a ridge
+    penalty that decreases from stage to stage (``ridge``, relative to the kernel's scale),
+    each stage starting from the last: the early stages keep the terms small, the last one
+    is nearly unregularised, so exactly low-rank kernels are still recovered to about 1e-6.
+
+    Two shortcuts keep it fast on large kernels:
+
+    * a tensor with at most two modes larger than 1 (a 1x1 convolution) is a matrix, whose
+      best rank-``R`` CP approximation is its truncated SVD: no iteration;
+    * the ``"structured"`` initialisation expands the tensor into mutually orthogonal
+      rank-one terms by nested SVDs (mode by mode, largest mode first) and keeps the ``R``
+      largest; the discarded terms' norm is exactly the starting error, so ALS starts from
+      a close approximation instead of from random or padded factors;
+    * when ``rank`` fits the largest mode (and, merged with a few small modes, the second),
+      the generalised eigenvalue decomposition (:func:`_gevd_init`) is tried as a start too,
+      and the better start is kept: exact for exactly low-rank kernels;
+    * each ALS sweep contracts the tensor with a factor matrix only twice (once over the
+      second-largest mode to update the largest, once over the largest mode for all the
+      others) instead of forming a Khatri-Rao product per mode; an extrapolation step
+      (``linesearch``) saves sweeps;
+    * by default (``precision="mixed"``) sweeps run in float32 while the error is above
+      1 %, where float32 resolves it, and in float64 below, where exact kernels converge.
+
+    The result is never worse than the start: if the regularised stages end above it (a
+    near-exact start), the start is polished by the last stage instead.
 
     Parameters
     ----------
@@ -158,17 +124,27 @@ def cp(
         Number of rank-one terms. At :func:`~tt_conv.rank.max_cp_rank` the exact
         decomposition of :func:`exact_cp` is returned instead of iterating.
     n_iter_max : int
-        ALS iterations per stage.
+        Most ALS sweeps per stage.
     ridge : sequence of float
         Relative ridge penalty of each stage; ``(0,)`` is plain ALS.
-    init : {"auto", "svd", "random"} or CPTensor
-        ``"auto"`` runs ALS from TensorLy's SVD start and from :func:`gevd_init` (where it
-        applies) and keeps the better result; anything else goes to ``parafac`` as is.
-    tol, linesearch, random_state
-        Passed to :func:`tensorly.decomposition.parafac`.
-    precision : {"float64", "float32", None}
-        Working precision (see :func:`working_dtype`); ALS needs float64 to converge
-        tightly, so it is the default.
+    tol : float
+        A stage ends when a sweep changes the relative error by less than ``tol`` times
+        itself. The default stops once sweeps gain less than 0.1 %; ``1e-4`` lowers the
+        error of trained kernels by a further 1-3 % for about three times the sweeps.
+    init : {"structured", "svd", "random"} or (weights, factors)
+        Starting point: the orthogonal expansion above, TensorLy's SVD or random
+        initialisation, or a given CP decomposition.
+    linesearch : bool
+        Extrapolate the factors along the last sweep's step when that lowers the error
+        (often saves sweeps on slowly converging kernels).
+    random_state : int, optional
+        Seed for random initial factors (and for random completion of the structured
+        initialisation when the tensor has fewer than ``rank`` orthogonal terms).
+    precision : {"mixed", "float64", "float32", None}
+        Working precision (see :func:`working_dtype`); ``"mixed"`` starts and ends in
+        float64 but runs the sweeps of a stage in float32 while the error is above 1 %
+        (float32 cannot measure smaller errors, and ALS needs float64 to converge tightly).
+        Factors are returned in float64 for ``"mixed"``.
 
     Returns
     -------
@@ -177,54 +153,331 @@ def cp(
     factors : list of torch.Tensor
         One ``(dim, rank)`` matrix per mode.
     """
-    tensor = _prepare(kernel, precision)
+    mixed = precision == "mixed"
+    tensor = _prepare(kernel, "float64" if mixed else precision)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
     if rank >= max_cp_rank(tensor.shape):
         return exact_cp(tensor)
-    options = dict(n_iter_max=n_iter_max, tol=tol, linesearch=linesearch,
-                   random_state=random_state)
-    candidates = []
-    if init == "auto":
-        candidates.append(_staged_als(tensor, rank, "svd", ridge=ridge, **options))
-        algebraic = gevd_init(tensor, rank)
-        if algebraic is not None:
-            # An algebraic start is already close: only the light last stage polishes it,
-            # and the start itself competes (it is exact for exactly low-rank kernels).
-            candidates.append(algebraic)
-            candidates.append(
-                _staged_als(tensor, rank, CPTensor(algebraic), ridge=tuple(ridge)[-1:], **options)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(0 if random_state is None else int(random_state))
+    if sum(n > 1 for n in tensor.shape) <= 2:
+        return _cp_of_matrix(tensor, rank)
+    # Work with the largest mode first and the second largest second (see _cp_als).
+    order = sorted(range(tensor.dim()), key=lambda m: -tensor.shape[m])
+    permuted = tensor.permute(*order).contiguous()
+    if isinstance(init, str):
+        if init == "structured":
+            factors = _structured_init(permuted, rank, generator)
+            gevd = _gevd_init(permuted, rank, generator)
+            if gevd is not None and _cp_error(permuted, gevd) < _cp_error(permuted, factors):
+                factors = gevd
+        elif init in ("svd", "random"):
+            with tl.backend_context("pytorch"), warnings.catch_warnings():
+                # The SVD initialisation asks for more vectors than a small mode has;
+                # TensorLy completes them randomly and warns each time.
+                warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+                from tensorly.decomposition._cp import initialize_cp
+
+                weights, factors = initialize_cp(permuted, rank, init=init,
+                                                 random_state=random_state)
+            factors = [f * weights.abs().pow(1.0 / len(factors)) for f in factors]
+        else:
+            raise ValueError(
+                f"init must be 'structured', 'svd', 'random' or (weights, factors), got {init!r}"
             )
     else:
-        candidates.append(_staged_als(tensor, rank, init, ridge=ridge, **options))
-    with tl.backend_context("pytorch"):
-        errors = [relative_error(tl.cp_to_tensor(c), tensor) for c in candidates]
-    weights, factors = candidates[errors.index(min(errors))]
-    return weights, list(factors)
-
-
-def _staged_als(tensor, rank, init, *, n_iter_max, ridge, tol, linesearch, random_state):
+        weights, factors = init
+        scale = weights.to(tensor).abs().pow(1.0 / tensor.dim())
+        signs = torch.sign(weights.to(tensor))
+        factors = [f.to(tensor) * scale for f in factors]
+        factors[0] = factors[0] * signs
+        factors = [factors[m] for m in order]
     n = tensor.dim()
     # Gram matrices of the other factors scale as ||T||^(2(n-1)/n) once the terms are
     # balanced, so this makes the ridge independent of the kernel's magnitude.
     scale = float(torch.linalg.vector_norm(tensor)) ** (2 * (n - 1) / n)
-    current = init
-    with tl.backend_context("pytorch"), warnings.catch_warnings():
-        # The SVD initialisation asks for more vectors than a small mode has; TensorLy
-        # completes them randomly and warns each time.
-        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-        for penalty in ridge:
-            current = parafac(
-                tensor,
-                rank,
-                n_iter_max=n_iter_max,
-                tol=tol,
-                init=current,
-                l2_reg=penalty * scale,
-                linesearch=linesearch,
-                random_state=random_state,
-                normalize_factors=False,
-            )
-    weights, factors = current
-    return weights, list(factors)
+    single = permuted.float() if mixed else None
+
+    def stage(factors, penalty, stage_tol):
+        if mixed and _cp_error(permuted, factors) > _MIXED_SWITCH:
+            fast = _cp_als(single, [f.float() for f in factors], n_iter_max, penalty * scale,
+                           stage_tol, linesearch)
+            return [f.to(permuted.dtype) for f in fast]
+        return _cp_als(permuted, factors, n_iter_max, penalty * scale, stage_tol, linesearch)
+
+    start = factors
+    for penalty in ridge:
+        factors = stage(factors, penalty, tol)
+    if len(ridge) > 1 and _cp_error(permuted, start) < _cp_error(permuted, factors):
+        # The schedule ended worse than it began (an exactly low-rank kernel whose start was
+        # already near exact): polish the start with the last, weakest stage instead, to
+        # convergence (near an exact solution ALS may creep, so the tolerance is tighter).
+        polished = stage(start, ridge[-1], tol * 1e-3)
+        if _cp_error(permuted, polished) < _cp_error(permuted, factors):
+            factors = polished
+    inverse = [order.index(m) for m in range(n)]
+    factors = [factors[i] for i in inverse]
+    return torch.ones(rank, dtype=tensor.dtype, device=tensor.device), factors
+
+
+#: Above this relative error, "mixed" precision runs ALS sweeps in float32.
+_MIXED_SWITCH = 1e-2
+
+
+def _cp_of_matrix(tensor: torch.Tensor, rank: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Best rank-``rank`` CP of a tensor with at most two non-singleton modes (truncated SVD)."""
+    big = [m for m in range(tensor.dim()) if tensor.shape[m] > 1]
+    while len(big) < 2:  # a vector or a scalar: pad with singleton modes
+        big.append(next(m for m in range(tensor.dim()) if m not in big))
+    a, b = big[:2]
+    matrix = tensor.permute(a, b, *[m for m in range(tensor.dim()) if m not in (a, b)])
+    matrix = matrix.reshape(tensor.shape[a], tensor.shape[b])
+    u, s, v = _leading_singular(matrix, rank)
+    root = s.sqrt()
+    factors = []
+    for m in range(tensor.dim()):
+        if m == a:
+            factors.append(u * root)
+        elif m == b:
+            factors.append(v * root)
+        else:
+            factors.append(torch.ones(1, rank, dtype=tensor.dtype, device=tensor.device))
+    return torch.ones(rank, dtype=tensor.dtype, device=tensor.device), factors
+
+
+def _leading_singular(matrix: torch.Tensor, count: int):
+    """The ``count`` leading singular triplets ``(u, s, v)`` of a (batch of) matrix, via the
+    smaller Gram matrix.
+
+    Eigen-decomposing the smaller Gram matrix costs one matrix product and a small
+    symmetric eigenproblem, far less than an SVD of a long unfolding; the vectors of the
+    other side are recovered by one product and re-orthonormalised (QR), so they stay
+    orthonormal even where singular values vanish.
+    """
+    rows, cols = matrix.shape[-2:]
+    count = min(count, rows, cols)
+    transpose = rows > cols
+    a = matrix.transpose(-1, -2) if transpose else matrix
+    values, vectors = torch.linalg.eigh(a @ a.transpose(-1, -2))
+    s = values.flip(-1)[..., :count].clamp_min(0).sqrt()
+    left = vectors.flip(-1)[..., :count]
+    right = torch.linalg.qr(a.transpose(-1, -2) @ left).Q
+    # QR may flip signs: keep v = a^T u / s exactly where s > 0.
+    signs = torch.sign(torch.sum(right * (a.transpose(-1, -2) @ left), dim=-2, keepdim=True))
+    right = right * torch.where(signs == 0, torch.ones_like(signs), signs)
+    if transpose:
+        left, right = right, left
+    return left, s, right
+
+
+def _orthogonal_terms(tensors: torch.Tensor, limit: int):
+    """Up to ``limit`` mutually orthogonal rank-one terms of each tensor of a batch.
+
+    Split off the first mode by an SVD and expand each right singular vector the same way,
+    recursively; every pair of terms is orthogonal (they differ in some singular vector of
+    one SVD), so the norm of the discarded terms is exactly the truncation error.
+
+    Parameters
+    ----------
+    tensors : torch.Tensor
+        ``(batch, n_1, ..., n_d)``.
+
+    Returns
+    -------
+    weights : torch.Tensor
+        ``(batch, T)``, descending (zeros where a tensor has fewer terms).
+    vectors : list of torch.Tensor
+        Per mode, ``(batch, n_m, T)`` unit columns.
+    """
+    batch, first, rest = tensors.shape[0], tensors.shape[1], tensors.shape[2:]
+    if not rest:
+        norm = torch.linalg.vector_norm(tensors, dim=1, keepdim=True)
+        unit = tensors / norm.clamp_min(torch.finfo(tensors.dtype).tiny)
+        return norm, [unit.unsqueeze(-1)]
+    u, s, v = _leading_singular(tensors.reshape(batch, first, -1), limit)
+    count = s.shape[-1]
+    sub = v.transpose(1, 2).reshape(batch * count, *rest)
+    sub_weights, sub_vectors = _orthogonal_terms(sub, limit)
+    inner = sub_weights.shape[-1]
+    weights = (s.unsqueeze(-1) * sub_weights.reshape(batch, count, inner)).reshape(batch, -1)
+    vectors = [u.unsqueeze(-1).expand(batch, first, count, inner).reshape(batch, first, -1)]
+    for vec in sub_vectors:
+        dim = vec.shape[1]
+        vectors.append(vec.reshape(batch, count, dim, inner).transpose(1, 2).reshape(batch, dim, -1))
+    top = torch.topk(weights, min(limit, weights.shape[-1]), dim=-1).indices
+    weights = torch.gather(weights, 1, top)
+    vectors = [torch.gather(vec, 2, top.unsqueeze(1).expand(-1, vec.shape[1], -1))
+               for vec in vectors]
+    return weights, vectors
+
+
+def _structured_init(tensor: torch.Tensor, rank: int, generator: torch.Generator):
+    """Balanced CP factors from the ``rank`` largest orthogonal terms (see :func:`cp`)."""
+    weights, vectors = _orthogonal_terms(tensor.unsqueeze(0), rank)
+    weights, vectors = weights[0], [vec[0] for vec in vectors]
+    n = tensor.dim()
+    share = weights.pow(1.0 / n)
+    factors = [vec * share for vec in vectors]
+    missing = rank - int((weights > 0).sum())
+    if missing > 0:
+        # Fewer orthogonal terms than rank-one terms asked for: the tensor is exactly
+        # representable already; small random columns give ALS something to work with.
+        factors = [f[:, : rank - missing] for f in factors]
+        norm = float(torch.linalg.vector_norm(tensor)) or 1.0
+        level = 1e-3 * (norm / rank) ** (1.0 / n)
+        extra = [
+            torch.randn(dim, missing, generator=generator, dtype=torch.float64)
+            .to(tensor) * level for dim in tensor.shape
+        ]
+        factors = [torch.cat([f, e], dim=1) for f, e in zip(factors, extra)]
+    return factors
+
+
+def _gevd_init(tensor: torch.Tensor, rank: int, generator: torch.Generator):
+    """CP factors by the generalised eigenvalue decomposition (Jennrich's algorithm), or None.
+
+    View the tensor (largest mode first) as a three-way ``(n_0, n_B, n_C)`` tensor: mode 0,
+    then mode 1 merged with as few following modes as make ``n_B >= rank``, then the rest
+    (``n_C >= 2``). When ``rank <= n_0``, compress the first two ways to ``rank`` by their
+    leading singular vectors; two random mixtures of the core's slices are then
+    ``A D_1 B^T`` and ``A D_2 B^T``, so the eigenvectors of ``S_1 S_2^{-1}`` give the
+    first factor. Least squares gives each term's ``b_r c_r^T``, whose best rank-one
+    approximations split back into the merged modes. Exact for exactly low-rank tensors in
+    general position; a good start otherwise.
+    """
+    dims = tuple(tensor.shape)
+    if dims[0] < rank:
+        return None
+    split = next((j for j in range(2, len(dims))
+                  if math.prod(dims[1:j]) >= rank and math.prod(dims[j:]) >= 2), None)
+    if split is None:
+        return None
+    b_dims, c_dims = dims[1:split], dims[split:]
+    n_b, n_c = math.prod(b_dims), math.prod(c_dims)
+    t3 = tensor.reshape(dims[0], n_b, n_c)
+    u = _leading_singular(t3.reshape(dims[0], -1), rank)[0]
+    v = _leading_singular(t3.transpose(0, 1).reshape(n_b, -1), rank)[0]
+    core = torch.einsum("oik,or,is->rsk", t3, u, v)
+    mix = torch.randn(n_c, 2, generator=generator, dtype=torch.float64).to(tensor)
+    s1, s2 = core @ mix[:, 0], core @ mix[:, 1]
+    try:
+        pencil = torch.linalg.lstsq(s2.T, s1.T).solution.T  # s1 s2^{-1}
+        vectors = torch.linalg.eig(pencil).eigenvectors.real.to(tensor.dtype)
+    except RuntimeError:  # pragma: no cover - a singular pencil: no GEVD start
+        return None
+    a = u @ vectors
+    a = a / torch.linalg.vector_norm(a, dim=0).clamp_min(torch.finfo(a.dtype).tiny)
+    # Each row of pinv(a) T_(0) is vec(b_r c_r^T): one rank-one SVD per term, then the
+    # best rank-one approximation of b_r and c_r over the modes merged into them.
+    rows = torch.linalg.lstsq(a, t3.reshape(dims[0], -1)).solution.reshape(rank, n_b, n_c)
+    left, sigma, right = torch.linalg.svd(rows, full_matrices=False)
+    w_b, v_b = _orthogonal_terms((left[:, :, 0] * sigma[:, :1]).reshape(rank, *b_dims), 1)
+    w_c, v_c = _orthogonal_terms(right[:, 0, :].reshape(rank, *c_dims), 1)
+    factors = [a * (w_b[:, 0] * w_c[:, 0])] + [vec[:, :, 0].T for vec in v_b + v_c]
+    # Balance the column norms across modes.
+    norms = torch.stack([torch.linalg.vector_norm(f, dim=0) for f in factors])
+    share = norms.prod(0).pow(1.0 / len(factors))
+    return [f * (share / n.clamp_min(torch.finfo(n.dtype).tiny)) for f, n in zip(factors, norms)]
+
+
+def _solve_factor(mttkrp: torch.Tensor, gram: torch.Tensor, l2: float) -> torch.Tensor:
+    """``mttkrp (gram + l2 I)^-1``, by Cholesky when it is positive definite."""
+    system = gram + l2 * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    chol, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        return torch.cholesky_solve(mttkrp.T, chol).T
+    return torch.linalg.lstsq(system, mttkrp.T).solution.T
+
+
+def _contract_except(partial: torch.Tensor, factors: List[torch.Tensor], keep: int) -> torch.Tensor:
+    """Sum ``partial[i_1, ..., i_k, r] prod_{j != keep} factors[j][i_j, r]`` over all but ``keep``.
+
+    Contracts the largest axis first, so the intermediate shrinks fastest.
+    """
+    axes = [j for j in range(len(factors)) if j != keep]
+    alive = list(range(len(factors)))  # which factor each remaining axis belongs to
+    for j in sorted(axes, key=lambda j: -factors[j].shape[0]):
+        position = alive.index(j)
+        shape = [1] * (len(alive) + 1)
+        shape[position] = factors[j].shape[0]
+        shape[-1] = factors[j].shape[1]
+        partial = (partial * factors[j].reshape(shape)).sum(position)
+        alive.pop(position)
+    return partial
+
+
+def _cp_als(tensor, factors, n_iter, l2, tol, linesearch):
+    """ALS sweeps on ``tensor`` (largest mode first, second largest second) from ``factors``."""
+    n = tensor.dim()
+    dims = tensor.shape
+    rank = factors[0].shape[1]
+    norm2 = float(torch.sum(tensor * tensor))
+    if norm2 == 0:
+        return [torch.zeros_like(f) for f in factors]
+    by_first = tensor.reshape(dims[0], -1)  # for contracting mode 0
+    by_second = tensor.movedim(1, -1).reshape(-1, dims[1])  # for contracting mode 1
+    factors = [f.clone() for f in factors]
+    grams = [f.T @ f for f in factors]
+
+    def sweep(factors, grams):
+        # Mode 0: contract mode 1 by one matrix product, then the small modes.
+        partial = (by_second @ factors[1]).reshape(dims[0], *dims[2:], rank)
+        mttkrp = _contract_except(partial, [factors[0], *factors[2:]], 0) if n > 2 else partial
+        gram = _hadamard([g for j, g in enumerate(grams) if j != 0])
+        factors[0] = _solve_factor(mttkrp, gram, l2)
+        grams[0] = factors[0].T @ factors[0]
+        # Every other mode: contract mode 0 once, then the rest per mode.
+        partial = (by_first.T @ factors[0]).reshape(*dims[1:], rank)
+        for m in range(1, n):
+            mttkrp = _contract_except(partial, factors[1:], m - 1)
+            gram = _hadamard([g for j, g in enumerate(grams) if j != m])
+            factors[m] = _solve_factor(mttkrp, gram, l2)
+            grams[m] = factors[m].T @ factors[m]
+        # Error from the last update: ||T||^2 - 2 <T, T_hat> + ||T_hat||^2.
+        inner = float(torch.sum(mttkrp * factors[-1]))
+        norm_hat2 = float(torch.sum(gram * grams[-1]))
+        return math.sqrt(max(norm2 - 2 * inner + norm_hat2, 0.0) / norm2)
+
+    previous = None
+    for iteration in range(n_iter):
+        old = [f.clone() for f in factors] if linesearch else None
+        error = sweep(factors, grams)
+        if linesearch and iteration > 1:
+            jump = iteration ** (1.0 / 3.0)
+            trial = [o + jump * (f - o) for o, f in zip(old, factors)]
+            trial_grams = [f.T @ f for f in trial]
+            trial_error = _cp_error(tensor, trial, trial_grams, norm2)
+            if trial_error < error:
+                factors, grams, error = trial, trial_grams, trial_error
+        if previous is not None and abs(previous - error) < tol * max(previous, 1e-300):
+            break
+        previous = error
+    return factors
+
+
+def _hadamard(matrices: List[torch.Tensor]) -> torch.Tensor:
+    out = matrices[0]
+    for m in matrices[1:]:
+        out = out * m
+    return out
+
+
+def _cp_error(tensor, factors, grams=None, norm2=None) -> float:
+    """Relative error of CP ``factors`` of ``tensor`` (``norm2 = ||tensor||^2`` if known)."""
+    if grams is None:
+        grams = [f.T @ f for f in factors]
+    if norm2 is None:
+        norm2 = float(torch.sum(tensor * tensor))
+    if norm2 == 0:
+        return 0.0
+    dims = tensor.shape
+    rank = factors[0].shape[1]
+    partial = (tensor.reshape(dims[0], -1).T @ factors[0]).reshape(*dims[1:], rank)
+    mttkrp = _contract_except(partial, factors[1:], len(factors) - 2)
+    inner = float(torch.sum(mttkrp * factors[-1]))
+    norm_hat2 = float(torch.sum(_hadamard(grams)))
+    return math.sqrt(max(norm2 - 2 * inner + norm_hat2, 0.0) / norm2)
 
 
 def tucker(
@@ -232,13 +485,18 @@ def tucker(
     rank: Sequence[int],
     *,
     n_iter_max: int = 100,
-    tol: float = 1e-5,
+    tol: float = 1e-8,
     precision: Optional[str] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Tucker decomposition of the leading ``len(rank)`` modes of a kernel (HOOI).
 
     The remaining modes are kept whole. Ranks must already be clipped to the kernel
-    (:func:`~tt_conv.rank.clip_tucker_rank`): TensorLy pads larger ranks with noise.
+    (:func:`~tt_conv.rank.clip_tucker_rank`). Starts from the truncated HOSVD and runs
+    higher-order orthogonal iteration until the relative error changes by less than
+    ``tol``; every leading subspace comes from the eigen-decomposition of the smaller Gram
+    matrix of the unfolding, far cheaper than an SVD of a long unfolding. Modes kept at
+    full rank get identity factors, and a kernel with no other mode larger than 1 (a 1x1
+    convolution, a matrix) needs no iteration: its HOSVD is optimal.
 
     Returns
     -------
@@ -248,16 +506,66 @@ def tucker(
         ``(dim_i, rank_i)`` orthonormal matrices for the decomposed modes.
     """
     tensor = _prepare(kernel, precision)
+    rank = [int(r) for r in rank]
     modes = list(range(len(rank)))
-    if all(r == n for r, n in zip(rank, tensor.shape)):
+    for mode, r in zip(modes, rank):
+        if not 1 <= r <= tensor.shape[mode]:
+            raise ValueError(
+                f"Tucker rank {r} for mode {mode} must be in [1, {tensor.shape[mode]}] "
+                f"(clip ranks with tt_conv.rank.clip_tucker_rank)"
+            )
+    full = [r == tensor.shape[m] for m, r in zip(modes, rank)]
+    if all(full):
         # Full rank: the identity factors are exact, and no SVD is needed.
         eye = [torch.eye(n, dtype=tensor.dtype, device=tensor.device) for n in rank]
         return tensor.clone(), eye
-    with tl.backend_context("pytorch"):
-        (core, factors), _ = partial_tucker(
-            tensor, rank=list(rank), modes=modes, n_iter_max=n_iter_max, tol=tol, init="svd"
-        )
-    return core, list(factors)
+
+    def leading(t, mode, r):
+        return _leading_singular(unfold_mode(t, mode), r)[0]
+
+    factors = [
+        torch.eye(tensor.shape[m], dtype=tensor.dtype, device=tensor.device) if full[m]
+        else leading(tensor, m, rank[m]) for m in modes
+    ]
+    matrix_like = sum(n > 1 for m, n in enumerate(tensor.shape) if m not in modes) == 0 \
+        and len(modes) == 2
+    norm2 = float(torch.sum(tensor * tensor))
+    previous = None
+    iterations = 0 if matrix_like or norm2 == 0 else n_iter_max
+    for _ in range(iterations):
+        for m in modes:
+            if full[m]:
+                continue
+            projected = tensor
+            for j in modes:
+                if j != m and not full[j]:
+                    projected = mode_product(projected, factors[j].T, j)
+            factors[m] = leading(projected, m, rank[m])
+        core = _project(tensor, factors, modes, full)
+        error = math.sqrt(max(norm2 - float(torch.sum(core * core)), 0.0) / norm2)
+        if previous is not None and abs(previous - error) < tol:
+            break
+        previous = error
+    return _project(tensor, factors, modes, full), factors
+
+
+def _project(tensor, factors, modes, full):
+    core = tensor
+    for m in modes:
+        if not full[m]:
+            core = mode_product(core, factors[m].T, m)
+    return core
+
+
+def unfold_mode(tensor: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` unfolding: rows indexed by that mode, columns by the others (C order)."""
+    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
+
+
+def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
+    """``tensor x_mode matrix``: multiply mode ``mode`` by ``matrix`` (``(new, dim)``)."""
+    moved = tensor.movedim(mode, -1)
+    return (moved @ matrix.T).movedim(-1, mode)
 
 
 def tensor_train_cores(

@@ -558,9 +558,9 @@ class FactorizedConv(nn.Module):
     def to_sequential(self) -> nn.Sequential:
         """The factorized chain as an ``nn.Sequential`` of plain PyTorch modules.
 
-        It runs without tt_conv and computes the same output. It holds as many parameters
-        as this layer, except for CP, whose depthwise stage stores each term's
-        ``k_1 x ... x k_d`` filter rather than its ``d`` separable vectors.
+        It runs without tt_conv, computes the same output and holds as many parameters as
+        this layer (CP's depthwise stage is exported as one depthwise convolution per
+        spatial axis).
         """
         conv_class = self._dense_conv_class()
         weights = [w.detach() for w in self.stage_weights()]

@@ -104,6 +104,37 @@ class CPConv(FactorizedConv, factorization="cp"):
         weights.append(self.out_factor.reshape([self.out_channels, r] + ones))
         return weights
 
+    def to_sequential(self) -> nn.Sequential:
+        """The factorized chain as plain PyTorch convolutions, with this layer's parameters.
+
+        The depthwise stage is exported as ``d`` one-dimensional depthwise convolutions (one
+        per spatial axis, each carrying that axis' stride, padding and dilation), so the
+        exported chain stores each term's ``d`` separable vectors rather than their
+        ``k_1 x ... x k_d`` product and never holds more parameters than this layer.
+        """
+        chain = super().to_sequential()
+        if not self._spatial_stage_used or self.n_dim == 1:
+            return chain
+        index = 2 if self._explicit_pad else 1
+        chain[index] = self._separable_depthwise(chain[index])
+        return chain
+
+    def _separable_depthwise(self, dense: nn.Module) -> nn.Sequential:
+        g, r, d = self.groups, self.rank[0], self.n_dim
+        convs = []
+        for axis, factor in enumerate(self.spatial_factors):
+            def along(value, default):
+                return tuple(value if j == axis else default for j in range(d))
+            conv = type(dense)(
+                g * r, g * r, along(self.kernel_size[axis], 1), stride=along(dense.stride[axis], 1),
+                padding=along(dense.padding[axis], 0), dilation=along(dense.dilation[axis], 1),
+                groups=g * r, bias=False, device=factor.device, dtype=factor.dtype,
+            )
+            with torch.no_grad():
+                conv.weight.copy_(factor.detach().transpose(1, 2).reshape(conv.weight.shape))
+            convs.append(conv)
+        return nn.Sequential(*convs)
+
     def _decompose_group(self, kernel: torch.Tensor, **options) -> List[torch.Tensor]:
         weights, factors = _decompose.cp(kernel, self.rank[0], **options)
         return balance_cp(weights, factors)

@@ -1,0 +1,411 @@
+"""Whole-model compression: selection, budgets, calibration, the report, export, bad input."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import tt_conv
+from tt_conv import FactorizedConv, calibrate, decompose
+from tt_conv.profile import conv_modules, count_parameters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 48, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10),
+    ).eval()
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, saved):
+    now = model.state_dict()
+    assert now.keys() == saved.keys()
+    for k in saved:
+        assert torch.equal(now[k], saved[k]), k
+
+
+def conv_flops(model, x):
+    """FLOPs of the convolutions only, measured by torch.utils.flop_counter."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    counts = counter.get_flop_counts()["Global"]
+    return sum(v for op, v in counts.items() if "convolution" in str(op))
+
+
+X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------- basics
+
+
+@pytest.mark.parametrize("factorization", ["tucker", "cp", "tt"])
+def test_compress_copies_factorizes_and_reports(factorization):
+    model = make_cnn()
+    saved = state(model)
+    compressed, report = tt_conv.compress(model, factorization, 0.3, input_shape=(1, 3, 16, 16),
+                                          progress=False)
+    assert compressed is not model
+    assert_same_state(model, saved)
+    assert all(not isinstance(m, FactorizedConv) for m in model.modules())
+    convs = dict(conv_modules(compressed))
+    assert [r.name for r in report.layers] == ["0", "3", "7", "9"]
+    for row in report.layers:
+        layer = convs[row.name]
+        assert count_parameters(layer) == row.params_after
+        if row.factorization == "dense":
+            assert type(layer) is nn.Conv2d and row.note
+            continue
+        assert isinstance(layer, FactorizedConv) and layer.factorization == factorization
+        assert tuple(layer.rank) == row.ranks
+        original = dict(model.named_modules())[row.name]
+        assert row.kernel_error == pytest.approx(
+            decompose.relative_error(layer.reconstruct_kernel(), original.weight))
+        # The kernel part keeps at most 30 % of the dense kernel.
+        bias = 0 if layer.bias is None else layer.bias.numel()
+        assert row.params_after - bias <= 0.3 * original.weight.numel()
+        assert row.flops_after == layer.flops((1, *_input_shape_of(model, row.name)[1:]))
+    assert report.conv_params_after < report.conv_params_before
+    assert report.model_params_after == count_parameters(compressed)
+    assert report.model_flops_before == _total_flops(model, torch.zeros(1, 3, 16, 16))
+    assert report.model_flops_after == _total_flops(compressed, torch.zeros(1, 3, 16, 16))
+    assert compressed(X).shape == model(X).shape
+
+
+def _input_shape_of(model, name):
+    return tt_conv.profile.conv_input_shapes(model, torch.zeros(1, 3, 16, 16))[name]
+
+
+def _total_flops(model, x):
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+def test_inplace_modifies_and_returns_the_model():
+    model = make_cnn()
+    compressed, _ = tt_conv.compress(model, "tucker", 0.5, inplace=True, progress=False)
+    assert compressed is model
+    assert any(isinstance(m, FactorizedConv) for m in model.modules())
+
+
+def test_full_rank_compression_keeps_outputs_for_every_geometry():
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4, padding_mode="reflect"),
+        nn.Conv2d(8, 6, (1, 3), padding="same", bias=False),
+    ).eval()
+    x = torch.randn(2, 4, 12, 10)
+    for factorization in ("tucker", "cp", "tt"):
+        compressed, report = tt_conv.compress(model, factorization, 10**6, progress=False)
+        # Explicit ranks beyond the kernel are clipped, and layers that do not shrink stay
+        # dense: either way the function is unchanged.
+        torch.testing.assert_close(compressed(x), model(x), rtol=1e-4, atol=1e-5)
+        assert all(r.factorization == "dense" and "left dense" in r.note for r in report.layers)
+
+
+def test_one_and_three_dimensional_convolutions():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv1d(6, 12, 5, padding=2), nn.ReLU(), nn.Conv1d(12, 12, 3))
+    compressed, report = tt_conv.compress(model, "cp", 0.4, progress=False)
+    assert compressed(torch.randn(2, 6, 20)).shape == (2, 12, 18)
+    model3 = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1))
+    compressed3, _ = tt_conv.compress(model3, "tt", 0.4, progress=False)
+    assert isinstance(compressed3[0], FactorizedConv)
+    assert compressed3(torch.randn(1, 4, 6, 6, 6)).shape == (1, 8, 6, 6, 6)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def test_include_exclude_and_overrides():
+    model = make_cnn()
+    compressed, report = tt_conv.compress(
+        model, "tucker", 0.3, exclude=["0"], overrides={"9": {"factorization": "cp", "rank": 0.2}},
+        progress=False)
+    rows = {r.name: r for r in report.layers}
+    assert rows["0"].factorization == "dense" and "not selected" in rows["0"].note
+    assert rows["3"].factorization == "tucker"
+    assert rows["9"].factorization == "cp"
+    assert rows["9"].params_after - 48 <= 0.2 * 48 * 32
+    _, report = tt_conv.compress(model, "tucker", 0.3, include=["3", "7"], progress=False)
+    assert [r.name for r in report.layers if r.factorization != "dense"] == ["3", "7"]
+
+
+def test_patterns_that_match_nothing_warn_and_selecting_nothing_fails():
+    model = make_cnn()
+    with pytest.warns(UserWarning, match="'features.*'"):
+        tt_conv.compress(model, "tucker", 0.3, exclude=["features.*"], progress=False)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="leave none"):
+        tt_conv.compress(model, "tucker", 0.3, include=["nope"], progress=False)
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize("factorization", ["tucker", "cp", "tt", "auto"])
+def test_global_parameter_budget_holds_exactly(factorization):
+    model = make_cnn()
+    before = sum(count_parameters(m) for _, m in conv_modules(model))
+    compressed, report = tt_conv.compress(model, factorization, {"params": 0.2, "global": True},
+                                          progress=False)
+    after = sum(count_parameters(m) for _, m in conv_modules(compressed))
+    assert after == report.conv_params_after <= 0.2 * before
+    assert 0 < report.shared_energy < 1
+
+
+def test_global_and_per_layer_flop_budgets_hold_when_measured():
+    model = make_cnn()
+    x = torch.zeros(1, 3, 16, 16)
+    dense = conv_flops(model, x)
+    compressed, report = tt_conv.compress(model, "cp", {"flops": 0.3, "global": True},
+                                          input_shape=x.shape, progress=False)
+    assert conv_flops(compressed, x) == report.conv_flops_after <= 0.3 * dense
+    compressed, report = tt_conv.compress(model, "tucker", {"flops": 0.5}, input_shape=x.shape,
+                                          progress=False)
+    for row in report.layers:
+        if row.factorization != "dense":
+            assert row.flops_after <= 0.5 * row.flops_before
+    with pytest.raises(ValueError, match="input_shape"):
+        tt_conv.compress(model, "tucker", {"flops": 0.5}, progress=False)
+
+
+def test_budgets_below_rank_one_name_the_layer():
+    model = make_cnn()
+    with pytest.raises(ValueError, match="layer '0'.*rank 1"):
+        tt_conv.compress(model, "tucker", 0.01, progress=False)
+    with pytest.raises(ValueError, match="global"):
+        tt_conv.compress(model, "tucker", {"params": 0.001, "global": True}, progress=False)
+
+
+@pytest.mark.parametrize("spec", ["evbmf", {"evbmf": 0.5, "min_rank": 2}, {"energy": 0.8},
+                                  {"error": 0.3}])
+def test_data_driven_ranks(spec):
+    model = make_cnn()
+    compressed, report = tt_conv.compress(model, "tt", spec, progress=False)
+    assert compressed(X).shape == (8, 10)
+    assert len(report.layers) == 4
+
+
+def test_auto_keeps_the_most_accurate_factorization():
+    model = make_cnn()
+    _, report = tt_conv.compress(model, "auto", 0.3, calibration=X, progress=False)
+    for row in report.layers:
+        if row.factorization == "dense":
+            continue
+        scores = dict(part.split() for part in
+                      row.note.split("errors: ")[1].rstrip(")").split(", "))
+        best = min(float(v) for v in scores.values())
+        assert float(scores[row.factorization]) <= best * (1 + 1e-2)  # printed to 3 digits
+        assert float(scores[row.factorization]) == pytest.approx(row.output_error, rel=1e-2)
+    with pytest.raises(ValueError, match="auto"):
+        tt_conv.compress(model, "auto", 4, progress=False)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_calibration_measures_output_errors_against_the_original():
+    model = make_cnn()
+    compressed, report = tt_conv.compress(model, "tucker", 0.3, calibration=X, fit="kernel",
+                                          progress=False)
+    # With kernel fitting the first layer sees the original input: its error is direct.
+    first = report.layers[0]
+    layer = compressed[0]
+    with torch.no_grad():
+        expected = decompose.relative_error(layer(X), model[0](X))
+    assert first.output_error == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        assert report.model_output_error == pytest.approx(
+            decompose.relative_error(compressed(X), model(X)), rel=1e-5)
+
+
+def test_data_fit_lowers_the_output_error():
+    model = make_cnn()
+    batch = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    _, kernel_fit = tt_conv.compress(model, "cp", {"params": 0.2, "global": True},
+                                     calibration=batch, fit="kernel", progress=False)
+    _, data_fit = tt_conv.compress(model, "cp", {"params": 0.2, "global": True},
+                                   calibration=batch, fit="data", progress=False)
+    assert data_fit.model_output_error < kernel_fit.model_output_error
+    assert any("data-aware" in n for n in data_fit.notes)
+
+
+def test_refit_is_the_least_squares_optimum():
+    torch.manual_seed(4)
+    conv = nn.Conv2d(8, 12, 3, padding=1, groups=2)
+    x = torch.randn(16, 8, 10, 10)
+    target = conv(x).detach() + 0.1 * torch.randn(16, 12, 10, 10)
+    for factorization in ("cp", "tucker", "tt"):
+        layer = FactorizedConv.from_conv(conv, factorization=factorization, rank=0.3)
+        with torch.no_grad():
+            before = decompose.relative_error(layer(x), target)
+        calibrate.refit_output_stage(layer, x, target, ridge=0.0)
+        with torch.no_grad():
+            after = decompose.relative_error(layer(x), target)
+            # Independent least squares on the activations entering the last stage.
+            z = layer.to_sequential()[:-1](x)
+            best = 0.0
+            for g in range(2):
+                zg = z[:, g * z.shape[1] // 2:(g + 1) * z.shape[1] // 2]
+                zg = torch.cat([zg.transpose(0, 1).reshape(zg.shape[1], -1),
+                                torch.ones(1, zg.numel() // zg.shape[1])]).double()
+                yg = target[:, g * 6:(g + 1) * 6].transpose(0, 1).reshape(6, -1).double()
+                solution = torch.linalg.lstsq(zg.T, yg.T).solution
+                best += float(((zg.T @ solution - yg.T) ** 2).sum())
+        assert after <= before
+        assert after == pytest.approx(math.sqrt(best) / float(target.double().norm()), rel=1e-4)
+
+
+def test_calibration_from_a_dataloader_of_pairs():
+    model = make_cnn()
+    data = torch.utils.data.TensorDataset(X, torch.zeros(len(X), dtype=torch.long))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    _, report = tt_conv.compress(model, "tucker", 0.3, calibration=loader, progress=False)
+    assert report.input_shape == (4, 3, 16, 16)
+    assert all(r.output_error is not None for r in report.layers)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_report_formats(tmp_path):
+    model = make_cnn()
+    _, report = tt_conv.compress(model, "cp", 0.3, input_shape=(1, 3, 16, 16), calibration=X,
+                                 progress=False)
+    text = str(report)
+    for row in report.layers:
+        assert row.name in text.split("\n", 3)[3]
+    assert "total (convs)" in text and "x smaller" in text
+    data = report.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["totals"]["conv_params_after"] == report.conv_params_after
+    assert len(data["layers"]) == 4 and data["layers"][1]["ranks"] == list(report.layers[1].ranks)
+    markdown = report.to_markdown(tmp_path / "r.md")
+    assert (tmp_path / "r.md").read_text() == markdown
+    assert markdown.count("\n|") >= 6
+    report.to_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == data
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_gives_plain_modules_with_the_same_outputs(tmp_path):
+    model = make_cnn()
+    compressed, _ = tt_conv.compress(model, "cp", 0.3, progress=False)
+    exported = tt_conv.export(compressed)
+    assert any(isinstance(m, FactorizedConv) for m in compressed.modules())
+    assert not any(isinstance(m, FactorizedConv) for m in exported.modules())
+    # CP layers fold the spatial factors of 1x1 axes into the input projection on export.
+    assert count_parameters(exported) <= count_parameters(compressed)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(X), compressed(X), rtol=1e-4, atol=1e-5)
+    path = tmp_path / "exported.pt"
+    torch.save(exported, path)
+    torch.save(X, tmp_path / "x.pt")
+    torch.save(exported(X).detach(), tmp_path / "y.pt")
+    # Load and run in a fresh interpreter where tt_conv cannot be imported.
+    script = (
+        "import sys; sys.modules['tt_conv'] = None\n"
+        "import torch\n"
+        f"m = torch.load({str(path)!r}, weights_only=False)\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}); y = torch.load({str(tmp_path / 'y.pt')!r})\n"
+        "with torch.no_grad(): assert torch.allclose(m(x), y, atol=1e-6)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="no nn.Conv"):
+        tt_conv.compress(nn.Sequential(nn.Linear(3, 4)), progress=False)
+    with pytest.raises(TypeError, match="nn.Module"):
+        tt_conv.compress("model.pt")
+    model = make_cnn()
+    with torch.no_grad():
+        model[3].weight[0, 0, 0, 0] = float("nan")
+    saved = state(model)
+    with pytest.raises(ValueError, match="layer '3'.*NaN"):
+        tt_conv.compress(model, "tucker", 0.3, progress=False)
+    with pytest.raises(ValueError, match="layer '3'.*NaN"):
+        tt_conv.compress(model, "tucker", 0.3, inplace=True, progress=False)
+    assert all(torch.equal(a, b) or torch.isnan(a).any()
+               for a, b in zip(model.state_dict().values(), saved.values()))
+    assert not any(isinstance(m, FactorizedConv) for m in model.modules())
+    model = make_cnn()
+    with pytest.raises(ValueError, match="factorization"):
+        tt_conv.compress(model, "svd", progress=False)
+    with pytest.raises(ValueError, match="calibration"):
+        tt_conv.compress(model, calibration=torch.zeros(2, 5, 16, 16), progress=False)
+    with pytest.raises(ValueError, match="fit='data'"):
+        tt_conv.compress(model, fit="data", progress=False)
+
+
+@pytest.mark.parametrize("rank, message", [
+    ({"energy": 0.9, "global": True}, "global"),
+    ({"params": 0.2, "flops": 0.2}, "exactly one"),
+    ({"ranks": 3}, "unknown"),
+    ("half", "evbmf"),
+    (1.5, r"\(0, 1\]"),
+    ({"evbmf": 2.0}, "weakening"),
+    (True, "rank"),
+])
+def test_bad_rank_specs(rank, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        tt_conv.parse_rank(rank)
+
+
+def test_data_fit_with_grouped_strided_and_padded_convolutions():
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2)), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(8, 6, (1, 3), padding="same", bias=False),
+    ).eval()
+    x = torch.randn(16, 4, 12, 10)
+    for factorization in ("tucker", "cp", "tt"):
+        compressed, report = tt_conv.compress(model, factorization, 0.5, calibration=x,
+                                              progress=False)
+        assert compressed(x).shape == model(x).shape
+        assert all(r.output_error is not None and math.isfinite(r.output_error)
+                   for r in report.layers)
+        assert report.model_output_error < 1.0
+
+
+def test_recompressing_a_compressed_model_keeps_biases():
+    model = make_cnn()
+    once, _ = tt_conv.compress(model, "tucker", 0.5, progress=False)
+    twice, report = tt_conv.compress(once, "cp", 0.5, progress=False)
+    assert twice[0].factorization == "cp"
+    assert torch.equal(twice[0].bias, once[0].bias)
+    assert report.layers[0].params_before == count_parameters(once[0])

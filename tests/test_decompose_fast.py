@@ -1,0 +1,114 @@
+"""The fast CP (structured / GEVD start, two-contraction ALS) and Tucker (Gram HOOI) paths."""
+
+import math
+
+import pytest
+import tensorly as tl
+import torch
+from tensorly.decomposition import partial_tucker
+
+from tt_conv import decompose as D
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cp_tensor(factors, weights=None):
+    out = factors[0] if weights is None else factors[0] * weights
+    for f in factors[1:]:
+        out = (out.unsqueeze(-2) * f.reshape(*([1] * (out.dim() - 1)), *f.shape)).movedim(-1, -1)
+    return out.sum(-1)
+
+
+def random_cp(shape, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    factors = [torch.randn(n, rank, generator=g, dtype=torch.float64) for n in shape]
+    return cp_tensor(factors)
+
+
+@pytest.mark.parametrize("shape, rank", [
+    ((16, 8, 3, 3), 5), ((32, 16, 3, 3), 12), ((64, 32, 3, 3), 20), ((64, 64, 3, 3), 64),
+    ((16, 4, 3, 3), 6), ((8, 4, 5), 3), ((12, 6, 3, 3, 3), 4), ((6, 1, 3, 3), 2),
+    ((20, 10, 1, 1), 4),
+])
+def test_cp_recovers_kernels_of_known_rank(shape, rank):
+    tensor = random_cp(shape, rank, seed=sum(shape) + rank)
+    weights, factors = D.cp(tensor.float(), rank)
+    assert D.relative_error(cp_tensor(factors, weights), tensor) <= 1e-4
+
+
+def test_cp_of_a_matrix_is_its_truncated_svd():
+    matrix = torch.randn(40, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kernel = matrix.reshape(40, 24, 1, 1)
+    s = torch.linalg.svdvals(matrix)
+    for rank in (1, 5, 17):
+        weights, factors = D.cp(kernel, rank)
+        expected = math.sqrt(float((s[rank:] ** 2).sum() / (s**2).sum()))
+        assert D.relative_error(cp_tensor(factors, weights), kernel) == pytest.approx(expected, rel=1e-9)
+
+
+def test_orthogonal_terms_are_orthonormal_and_their_tail_is_the_error():
+    tensor = torch.randn(12, 7, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weights, vectors = D._orthogonal_terms(tensor.unsqueeze(0), 10**6)
+    weights, vectors = weights[0], [v[0] for v in vectors]
+    assert torch.allclose((weights**2).sum(), (tensor**2).sum())  # a complete expansion
+    for keep in (1, 20, 100):
+        approx = cp_tensor([v[:, :keep] for v in vectors], weights[:keep])
+        tail = float((weights[keep:] ** 2).sum() / (tensor**2).sum())
+        assert D.relative_error(approx, tensor) == pytest.approx(math.sqrt(tail), rel=1e-9)
+
+
+def test_cp_is_never_worse_than_its_start_and_accepts_every_init():
+    tensor = torch.randn(24, 16, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    start = D._structured_init(tensor, 30, torch.Generator().manual_seed(0))
+    start_error = D._cp_error(tensor, start)
+    weights, factors = D.cp(tensor, 30)
+    assert D.relative_error(cp_tensor(factors, weights), tensor) < start_error
+    for init in ("svd", "random", (torch.ones(30, dtype=torch.float64), start)):
+        weights, factors = D.cp(tensor, 30, init=init)
+        assert D.relative_error(cp_tensor(factors, weights), tensor) < 0.95
+    with pytest.raises(ValueError, match="init"):
+        D.cp(tensor, 3, init="magic")
+
+
+def test_tucker_matches_tensorly_hooi():
+    tensor = torch.randn(40, 24, 3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    core, factors = D.tucker(tensor, [10, 6])
+    for f in factors:
+        assert torch.allclose(f.T @ f, torch.eye(f.shape[1], dtype=f.dtype), atol=1e-10)
+    ours = D.relative_error(D.mode_product(D.mode_product(core, factors[0], 0), factors[1], 1),
+                            tensor)
+    with tl.backend_context("pytorch"):
+        (c2, f2), _ = partial_tucker(tensor, rank=[10, 6], modes=[0, 1], n_iter_max=100, tol=1e-10)
+        reference = D.relative_error(tl.tenalg.multi_mode_dot(c2, f2, modes=[0, 1]), tensor)
+    assert ours <= reference + 1e-6
+
+
+def test_tucker_of_a_one_by_one_kernel_is_the_svd_truncation():
+    matrix = torch.randn(30, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    core, factors = D.tucker(matrix.reshape(30, 20, 1, 1), [7, 5])
+    approx = D.mode_product(D.mode_product(core, factors[0], 0), factors[1], 1)
+    s = torch.linalg.svdvals(matrix)
+    expected = math.sqrt(float((s[5:] ** 2).sum() / (s**2).sum()))
+    assert D.relative_error(approx.reshape(30, 20), matrix) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="clip"):
+        D.tucker(matrix.reshape(30, 20, 1, 1), [31, 5])
+
+
+def test_cp_is_at_least_as_accurate_as_tensorly_parafac():
+    # The hand-written ALS replaces TensorLy's parafac for speed; it must not cost accuracy.
+    from tensorly.decomposition import parafac
+
+    generator = torch.Generator().manual_seed(3)
+    tensor = torch.randn(16, 12, 3, 3, generator=generator, dtype=torch.float64)
+    with tl.backend_context("pytorch"):
+        ours = tl.cp_to_tensor(D.cp(tensor, 10))
+        reference = tl.cp_to_tensor(parafac(tensor, 10, n_iter_max=150, tol=1e-8, init="svd"))
+    ours_error = D.relative_error(ours, tensor)
+    reference_error = D.relative_error(reference, tensor)
+    assert ours_error <= reference_error * 1.02, (ours_error, reference_error)

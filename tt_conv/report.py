@@ -1,0 +1,229 @@
+"""The report of :func:`tt_conv.compress`: one row per convolution, totals, and output as a
+table, a dict, JSON or markdown (files written atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+
+@dataclass
+class LayerReport:
+    """One convolution's line of a :class:`CompressionReport`.
+
+    ``factorization`` is ``"dense"`` for a layer left as it was (``note`` says why);
+    FLOP fields are None without an input shape, ``output_error`` None without a
+    calibration batch.
+    """
+
+    name: str
+    kernel_shape: Tuple[int, ...]
+    factorization: str
+    ranks: Optional[Tuple[int, ...]]
+    params_before: int
+    params_after: int
+    flops_before: Optional[int] = None
+    flops_after: Optional[int] = None
+    kernel_error: Optional[float] = None
+    output_error: Optional[float] = None
+    note: str = ""
+
+
+@dataclass
+class CompressionReport:
+    """What :func:`compress` did, layer by layer, and in total.
+
+    ``str(report)`` is a readable table; :meth:`to_dict`, :meth:`to_json` and
+    :meth:`to_markdown` give the same content for machines and documents.
+    """
+
+    layers: List[LayerReport]
+    factorization: str
+    rank: str
+    model_params_before: int
+    model_params_after: int
+    model_flops_before: Optional[int] = None
+    model_flops_after: Optional[int] = None
+    input_shape: Optional[Tuple[int, ...]] = None
+    model_output_error: Optional[float] = None
+    shared_energy: Optional[float] = None
+    notes: List[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ totals
+
+    @property
+    def conv_params_before(self) -> int:
+        return sum(r.params_before for r in self.layers)
+
+    @property
+    def conv_params_after(self) -> int:
+        return sum(r.params_after for r in self.layers)
+
+    @property
+    def conv_flops_before(self) -> Optional[int]:
+        values = [r.flops_before for r in self.layers]
+        return None if any(v is None for v in values) else sum(values)
+
+    @property
+    def conv_flops_after(self) -> Optional[int]:
+        values = [r.flops_after for r in self.layers]
+        return None if any(v is None for v in values) else sum(values)
+
+    def totals(self) -> Dict[str, Any]:
+        def ratio(before, after):
+            return None if before is None or after is None or after == 0 else before / after
+
+        return {
+            "conv_params_before": self.conv_params_before,
+            "conv_params_after": self.conv_params_after,
+            "conv_params_reduction": ratio(self.conv_params_before, self.conv_params_after),
+            "conv_flops_before": self.conv_flops_before,
+            "conv_flops_after": self.conv_flops_after,
+            "conv_flops_reduction": ratio(self.conv_flops_before, self.conv_flops_after),
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+            "model_params_reduction": ratio(self.model_params_before, self.model_params_after),
+            "model_flops_before": self.model_flops_before,
+            "model_flops_after": self.model_flops_after,
+            "model_flops_reduction": ratio(self.model_flops_before, self.model_flops_after),
+            "model_output_error": self.model_output_error,
+            "layers_factorized": sum(r.factorization != "dense" for r in self.layers),
+            "layers_dense": sum(r.factorization == "dense" for r in self.layers),
+        }
+
+    # ------------------------------------------------------------------ output
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain Python values (lists, dicts, numbers, strings), ready for JSON."""
+        layers = []
+        for row in self.layers:
+            item = asdict(row)
+            item["kernel_shape"] = list(row.kernel_shape)
+            item["ranks"] = None if row.ranks is None else list(row.ranks)
+            layers.append(item)
+        return {
+            "factorization": self.factorization,
+            "rank": self.rank,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "shared_energy": self.shared_energy,
+            "layers": layers,
+            "totals": self.totals(),
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, path: Optional[Union[str, os.PathLike]] = None, indent: int = 2) -> str:
+        """The report as JSON; also written (atomically) to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            write_text_atomic(path, text + "\n")
+        return text
+
+    def _table(self) -> Tuple[List[str], List[List[str]], List[str]]:
+        header = ["layer", "kernel", "method", "ranks", "params", "FLOPs", "kernel err",
+                  "output err"]
+        rows = []
+        for r in self.layers:
+            rows.append([
+                r.name,
+                "x".join(map(str, r.kernel_shape)),
+                r.factorization,
+                "-" if r.ranks is None else ",".join(map(str, r.ranks)),
+                f"{_human(r.params_before)} -> {_human(r.params_after)}",
+                "-" if r.flops_before is None
+                else f"{_human(r.flops_before)} -> {_human(r.flops_after)}",
+                _error(r.kernel_error),
+                _error(r.output_error),
+            ])
+        t = self.totals()
+        total = [
+            "total (convs)", "", "", "",
+            f"{_human(t['conv_params_before'])} -> {_human(t['conv_params_after'])} "
+            f"({_times(t['conv_params_reduction'])})",
+            "-" if t["conv_flops_before"] is None else
+            f"{_human(t['conv_flops_before'])} -> {_human(t['conv_flops_after'])} "
+            f"({_times(t['conv_flops_reduction'])})",
+            "", "",
+        ]
+        lines = [
+            f"model parameters: {_human(t['model_params_before'])} -> "
+            f"{_human(t['model_params_after'])} ({_times(t['model_params_reduction'])})",
+        ]
+        if t["model_flops_before"] is not None:
+            lines.append(
+                f"model FLOPs at input {tuple(self.input_shape)}: "
+                f"{_human(t['model_flops_before'])} -> {_human(t['model_flops_after'])} "
+                f"({_times(t['model_flops_reduction'])})"
+            )
+        if t["model_output_error"] is not None:
+            lines.append(f"relative output error of the model on the calibration batch: "
+                         f"{t['model_output_error']:.4g}")
+        if self.shared_energy is not None:
+            lines.append(f"global budget: shared energy threshold {self.shared_energy:.6g}")
+        notes = [f"{r.name}: {r.note}" for r in self.layers if r.note] + list(self.notes)
+        return header, rows + [total], lines + (["notes:"] + ["  " + n for n in notes] if notes else [])
+
+    def __str__(self) -> str:
+        header, rows, lines = self._table()
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        def fmt(cells):
+            return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        out = [f"tt_conv.compress: factorization={self.factorization}, rank={self.rank}",
+               fmt(header), fmt(["-" * w for w in widths])]
+        out += [fmt(r) for r in rows[:-1]]
+        out += [fmt(["-" * w for w in widths]), fmt(rows[-1])]
+        return "\n".join(out + lines)
+
+    def to_markdown(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
+        """The report as a markdown table; also written (atomically) to ``path`` when given."""
+        header, rows, lines = self._table()
+        out = [f"**tt_conv.compress**: factorization `{self.factorization}`, rank {self.rank}", "",
+               "| " + " | ".join(header) + " |",
+               "|" + "|".join("---" for _ in header) + "|"]
+        for r in rows:
+            out.append("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |")
+        out.append("")
+        for line in lines:
+            out.append(line if line.startswith("  ") else line)
+        text = "\n".join(
+            ("- " + line.strip()) if line.startswith("  ") else line for line in out
+        ) + "\n"
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+
+def _human(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def _times(ratio: Optional[float]) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x smaller"
+
+
+def _error(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def write_text_atomic(path: Union[str, os.PathLike], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -28,7 +28,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 # Tutorials run on the CPU whatever the machine has.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import torch  # noqa: E402
+
 import tt_conv  # noqa: E402
+
+# One PyTorch thread for the tutorials: on a shared machine, more threads than free cores
+# make OpenMP spin and run an order of magnitude slower. TT_CONV_DOCS_THREADS overrides it.
+torch.set_num_threads(int(os.environ.get("TT_CONV_DOCS_THREADS", "1")))
 
 # -- Project -----------------------------------------------------------------------------
 

@@ -230,3 +230,20 @@ def test_evaluate_command_errors(tmp_path, capsys):
     for argv, message in cases:
         assert cli.main(argv) == 2, argv
         assert message in capsys.readouterr().err
+
+
+def test_evaluate_command_takes_a_release_checkpoint(tmp_path, capsys):
+    from test_model import release_state_dict
+
+    config = ArchitectureConfig(hidden_channels=(3,), layers_per_block=1, kernel_size=3, order=1, steps=1,
+                                rank=2, skip_stride=0)
+    torch.save({"model_state_dict": release_state_dict(config)}, tmp_path / "release.pt")
+    status = cli.main(["evaluate", str(tmp_path / "release.pt"), "--image-size", "32", "--sequences", "2",
+                       "--input-frames", "2", "--future-frames", "2", "--no-lpips", "--out",
+                       str(tmp_path / "e"), "--no-progress", "--ssim-data-range", "2"])
+    assert status == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert results["model"]["checkpoint_layout"] == "release" and results["model"]["n_sequences"] == 2
+    assert "data_range=2" in results["model"]["conventions"]["ssim"]
+    with pytest.raises(ValueError, match="2 sequences cannot be shared by 3 ranks"):
+        evaluation_loader(torch.utils.data.TensorDataset(torch.zeros(2, 4)), 1, rank=0, world_size=3)

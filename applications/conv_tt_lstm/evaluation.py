@@ -341,6 +341,9 @@ def evaluation_loader(
             rank = torch.distributed.get_rank() if distributed else 0
         if world_size is None:
             world_size = torch.distributed.get_world_size() if distributed else 1
+        if len(dataset) < world_size:
+            # A rank without data would have no metrics to reduce (and the others would wait).
+            raise ValueError(f"{len(dataset)} sequences cannot be shared by {world_size} ranks")
         sampler = ShardSampler(len(dataset), rank, world_size)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,

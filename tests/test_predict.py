@@ -100,6 +100,8 @@ def test_folder_of_rgb_pngs_becomes_gray(tmp_path, checkpoint):
     np.testing.assert_allclose(frames[0, :, 0].numpy(), gray, atol=1 / 255)  # Pillow rounds to 8 bits
     assert predict([path, folder, "--future-frames", 3, "--out", tmp_path / "o"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "o" / "predictions.npy"), expected(model, frames, 3), atol=1e-5)
+    with Image.open(tmp_path / "o" / "predictions.gif") as gif:  # no truth: inputs, then predictions
+        assert gif.n_frames == 11 + 3
     # --size resizes; 20 x 20 suits patch size 4.
     assert predict([path, folder, "--future-frames", 1, "--size", 20, 20, "--out", tmp_path / "r"]) == 0
     assert np.load(tmp_path / "r" / "predictions.npy").shape == (1, 1, 1, 20, 20)

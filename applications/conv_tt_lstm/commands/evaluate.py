@@ -87,9 +87,10 @@ def _distributed_setup(device_arg):
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and device_arg in (None, "cuda") else "gloo"
         torch.distributed.init_process_group(backend)
-    if device_arg is not None:
+    if device_arg is not None and device_arg != "cuda":
         device = torch.device(device_arg)
-    elif torch.cuda.is_available():
+    elif device_arg == "cuda" or torch.cuda.is_available():
+        # Each rank its own GPU.
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
         device = torch.device("cpu")

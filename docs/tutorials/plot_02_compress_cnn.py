@@ -144,7 +144,7 @@ axis.set_xticks(position, names)
 axis.set_ylim(min(compressed_acc + tuned_acc) - 5, 100)
 axis.set_ylabel("test accuracy (%)")
 axis.set_title("MNIST CNN at 10x fewer conv parameters")
-axis.legend(loc="lower right")
+axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=2)
 plt.show()
 
 # %%

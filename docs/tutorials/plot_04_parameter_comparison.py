@@ -53,16 +53,19 @@ for label, result in rows:
 # convolutions, so its gate convolution reads only ``C_in + R`` channels.
 
 # %%
-labels = [label.replace(", ", "\n") for label, _ in rows]
+short = {"ConvLSTM": "ConvLSTM", "full higher-order ConvLSTM": "full HO\nConvLSTM",
+         "Conv-TT-LSTM": "Conv-TT-\nLSTM"}
+labels = [short[result.name] + ("" if result.cell == "convlstm" else f"\nN = {steps}")
+          for (_, result), steps in zip(rows, (1, 3, 3, 5, 5))]
 parameters = np.array([result.parameters for _, result in rows]) / 1e6
 macs = np.array([result.macs_per_step for _, result in rows]) / 1e9
 colors = ["gray", "C3", "C0", "C3", "C0"]
-figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
 for axis, values, unit in ((left, parameters, "parameters (millions)"),
                            (right, macs, "multiply-adds per step (G)")):
     bars = axis.bar(range(len(values)), values, color=colors)
     axis.bar_label(bars, fmt="%.2f", fontsize=8)
-    axis.set_xticks(range(len(values)), labels, fontsize=7)
+    axis.set_xticks(range(len(values)), labels, fontsize=8)
     axis.set_ylabel(unit)
 left.set_title("Parameters")
 right.set_title("Compute per sample and time step (64 x 64)")

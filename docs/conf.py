@@ -135,7 +135,6 @@ html_theme = "furo"
 html_title = f"tt-conv {release}"
 html_static_path: list = []
 html_theme_options = {
-    "source_repository": "",
     "navigation_with_keys": True,
 }
 

@@ -19,6 +19,8 @@ COMMAND_MODULES: List[str] = [
     "prepare",
     "compare",
     "convert_nvlabs",
+    "evaluate",
+    "predict",
 ]
 
 

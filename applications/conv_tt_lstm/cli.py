@@ -21,6 +21,7 @@ COMMAND_MODULES: List[str] = [
     "convert_nvlabs",
     "evaluate",
     "predict",
+    "train",
 ]
 
 

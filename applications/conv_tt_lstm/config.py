@@ -57,8 +57,9 @@ class DataConfig:
         Sequences per epoch of the on-the-fly Moving MNIST stream.
     val_sequences : int
         Fixed validation sequences (at most; KTH takes an evenly spaced subset).
-    frame_size : int
-        Moving MNIST canvas (square).
+    frame_size : int, optional
+        Frame side: the canvas of generated Moving MNIST (default 64); for prepared data a
+        check (frames of another size are an error).
     n_digits : int
         Digits per Moving MNIST sequence.
     kth_val_persons : tuple of int
@@ -77,7 +78,7 @@ class DataConfig:
     batch_size: int = 16
     samples_per_epoch: int = 10000
     val_sequences: int = 3000
-    frame_size: int = 64
+    frame_size: Optional[int] = None
     n_digits: int = 2
     kth_val_persons: Tuple[int, ...] = ()
     num_workers: int = 0
@@ -88,9 +89,11 @@ class DataConfig:
             raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.dataset!r}")
         object.__setattr__(self, "kth_val_persons", tuple(self.kth_val_persons))
         for name in ("input_frames", "future_frames", "batch_size", "samples_per_epoch",
-                     "val_sequences", "frame_size", "n_digits"):
+                     "val_sequences", "n_digits"):
             _check_int(f"data.{name}", getattr(self, name), 1)
         _check_int("data.num_workers", self.num_workers, 0)
+        if self.frame_size is not None:
+            _check_int("data.frame_size", self.frame_size, 1)
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-#: Precision names accepted by :func:`resolve_precision`.
-PRECISIONS = ("fp32", "bf16", "fp16")
+from ..precision import PRECISIONS, autocast_context, check_precision
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,9 +42,7 @@ class Precision:
 
     def autocast(self):
         """Context manager for the forward pass (a no-op for fp32)."""
-        if self.name == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return autocast_context(self.device_type, self.name)
 
     def make_scaler(self) -> Optional["torch.amp.GradScaler"]:
         """A ``torch.amp.GradScaler`` for fp16, else ``None``."""
@@ -65,12 +61,10 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         training diverges: use bf16 on CPU), or bf16 on a GPU without bf16 support.
     """
     device = torch.device(device)
-    if name not in PRECISIONS:
-        raise PrecisionError(f"--precision must be one of {PRECISIONS}, got {name!r}")
-    if name == "fp16" and device.type != "cuda":
-        raise PrecisionError(
-            f"--precision fp16 needs a CUDA device (autocast fp16 with a GradScaler), but the "
-            f"run is on {device.type!r}; use --precision bf16 (or fp32) on CPU")
+    try:
+        check_precision(name, device)
+    except ValueError as error:
+        raise PrecisionError(f"--precision {name}: {error}") from None
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PrecisionError("--precision bf16 is not supported by this GPU; use fp16 or fp32")
     return Precision(name, device.type)

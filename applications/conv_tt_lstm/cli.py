@@ -19,6 +19,9 @@ COMMAND_MODULES: List[str] = [
     "prepare",
     "compare",
     "convert_nvlabs",
+    "evaluate",
+    "predict",
+    "train",
 ]
 
 

@@ -256,3 +256,78 @@ def save_prediction_gif(
             duration=int(round(1000 / fps)), loop=0, optimize=False,
         )
     return Path(path)
+
+
+def save_sequence_figures(
+    gif_path: PathLike,
+    png_path: PathLike,
+    inputs: ArrayLike,
+    prediction: ArrayLike,
+    max_samples: int = 4,
+    fps: float = 4.0,
+    scale: int = 2,
+) -> List[Path]:
+    """A GIF and a PNG grid of inputs followed by predictions, when no truth is known.
+
+    The GIF plays each sample's inputs (green bar) then its predictions (red bar), samples
+    side by side; the PNG has a row of inputs and a row of predictions per sample.
+    ``inputs`` ``[(B,) T_in, C, H, W]`` and ``prediction`` ``[(B,) T_out, C, H, W]``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    inputs, prediction = _as_batch(inputs, "inputs"), _as_batch(prediction, "prediction")
+    if inputs.shape[0] != prediction.shape[0] or inputs.shape[2:] != prediction.shape[2:]:
+        raise ValueError(f"inputs {inputs.shape} and prediction {prediction.shape} must share "
+                         "batch and frame size")
+    if fps <= 0 or scale < 1 or max_samples < 1:
+        raise ValueError(f"need fps > 0, scale >= 1 and max_samples >= 1, got {fps}, {scale}, {max_samples}")
+    n_samples = min(max_samples, inputs.shape[0])
+    sequence = np.concatenate([inputs, prediction], axis=1)[:n_samples]
+    height, width = sequence.shape[2:4]
+    gap, bar = 2 * scale, 3 * scale
+    cell_h, cell_w = height * scale, width * scale
+    images = []
+    for t in range(sequence.shape[1]):
+        canvas = np.full((bar + cell_h, n_samples * (cell_w + gap) - gap, 3), 255, dtype=np.uint8)
+        colour = _INPUT_COLOUR if t < inputs.shape[1] else _PREDICTED_COLOUR
+        for b in range(n_samples):
+            x0 = b * (cell_w + gap)
+            frame = np.rint(sequence[b, t] * 255).astype(np.uint8)
+            frame = np.repeat(np.repeat(frame, scale, axis=0), scale, axis=1)
+            if frame.shape[-1] == 1:
+                frame = np.repeat(frame, 3, axis=-1)
+            canvas[:bar, x0 : x0 + cell_w] = colour
+            canvas[bar:, x0 : x0 + cell_w] = frame
+        images.append(Image.fromarray(canvas))
+    with atomic_path(gif_path) as temporary:
+        images[0].save(temporary, save_all=True, append_images=images[1:],
+                       duration=int(round(1000 / fps)), loop=0, optimize=False)
+
+    gap = max(1, width // 16)
+    columns = max(inputs.shape[1], prediction.shape[1])
+    rows = []
+    for b in range(n_samples):
+        rows += [(f"input {b + 1}" if n_samples > 1 else "input", inputs[b], 0),
+                 ("prediction", prediction[b], inputs.shape[1])]
+    strip_width = columns * (width + gap) - gap
+    inch = 0.8 / width
+    figure = Figure(figsize=(1.2 + strip_width * inch, 0.3 + len(rows) * (height * inch + 0.25)),
+                    layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(rows), 1, squeeze=False)[:, 0]
+    for axis, (label, frames, first) in zip(axes, rows):
+        strip = _strip(frames, columns, gap)
+        axis.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0.0,
+                    vmax=1.0, interpolation="nearest")
+        centres = np.arange(len(frames)) * (width + gap) + width / 2
+        axis.set_xticks(centres, [str(first + t + 1) for t in range(len(frames))], fontsize=6)
+        axis.set_yticks([])
+        axis.set_ylabel(label, rotation=0, ha="right", va="center")
+        axis.tick_params(length=0)
+        for spine in axis.spines.values():
+            spine.set_visible(False)
+    with atomic_path(png_path) as temporary:
+        figure.savefig(temporary, dpi=100)
+    return [Path(gif_path), Path(png_path)]

@@ -1,0 +1,337 @@
+"""Inference helpers: load any checkpoint, read a user's frames, fit them to the model, predict.
+
+* :func:`load_model`: our checkpoints (:func:`~.model.save_checkpoint`) and the paper
+  release's (:func:`~.model.load_nvlabs_checkpoint`), told apart by their content.
+* :func:`read_input_frames`: a user's ``.npz`` / ``.npy`` or folder of frame images as float
+  ``[N, T, C, H, W]`` in ``[0, 1]``.
+* :func:`fit_frames`: converts channels (RGB <-> gray) and resizes to what the model takes,
+  with a clear error when the frame size does not suit its ``patch_size``.
+* :func:`predict_frames`: batched rollout on a device under a chosen precision.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import (
+    CHECKPOINT_FORMAT,
+    ArchitectureConfig,
+    CheckpointError,
+    VideoPredictionNetwork,
+    load_checkpoint,
+    load_nvlabs_checkpoint,
+)
+from .precision import autocast_context, check_precision
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Array layouts :func:`read_input_frames` understands (N sequences, T frames, C channels).
+ARRAY_LAYOUTS: Tuple[str, ...] = ("auto", "THW", "TCHW", "THWC", "NTHW", "TNHW", "NTCHW", "NTHWC")
+#: Image suffixes of a frame folder.
+IMAGE_SUFFIXES: Tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+#: ITU-R 601-2 luma weights (what Pillow's "L" conversion uses).
+_LUMA = (0.299, 0.587, 0.114)
+
+
+class InputFramesError(ValueError):
+    """A user's input frames cannot be read or do not fit the model; the message says why."""
+
+
+# ------------------------------------------------------------------------- checkpoints
+
+
+def load_model(
+    path: PathLike,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    output_sigmoid: Optional[bool] = None,
+) -> Tuple[VideoPredictionNetwork, Dict[str, Any]]:
+    """The network of a checkpoint, ours or the paper release's, in eval mode on ``device``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``torch.save`` file: our format (``format`` = :data:`~.model.CHECKPOINT_FORMAT`) or
+        the release's state dict (optionally under ``model_state_dict``).
+    device : str or torch.device
+        Where the model goes.
+    output_sigmoid : bool, optional
+        Release checkpoints only (their shapes cannot tell): the network was trained with
+        a sigmoid on its output. The official ones were not (the default).
+
+    Returns
+    -------
+    (model, info)
+        ``info``: ``{"checkpoint", "layout" ("tt-conv" or "release"), "architecture",
+        "parameters"}`` plus, for ours, the checkpoint's JSON-friendly extra fields.
+
+    Raises
+    ------
+    CheckpointError
+        Missing or unreadable file, or weights that fit no architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(content).__name__}, not a dict")
+    info: Dict[str, Any] = {"checkpoint": str(path)}
+    if content.get("format") == CHECKPOINT_FORMAT:
+        if output_sigmoid is not None:
+            raise CheckpointError(
+                "output_sigmoid (--release-output-sigmoid) applies to release checkpoints only; "
+                f"{path} records its own architecture"
+            )
+        model, checkpoint = load_checkpoint(content)
+        info["layout"] = "tt-conv"
+        for key, value in checkpoint.items():
+            if key not in ("format", "version", "architecture", "state_dict") and _plain(value):
+                info[key] = value
+    else:
+        arch = {} if output_sigmoid is None else {"output_sigmoid": bool(output_sigmoid)}
+        model = load_nvlabs_checkpoint(content, **arch)
+        info["layout"] = "release"
+    info["architecture"] = model.config.to_dict()
+    info["parameters"] = sum(p.numel() for p in model.parameters())
+    return model.to(device).eval(), info
+
+
+def _plain(value: Any) -> bool:
+    """JSON-friendly (no tensors): worth copying into a result file."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def _natural_key(path: Path):
+    # frame_2.png before frame_10.png
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def read_image_folder(folder: PathLike) -> np.ndarray:
+    """The images of ``folder`` (PNG/JPEG, natural name order) as uint8 ``(T, H, W, 3)`` or
+    ``(T, H, W)`` when every image is grayscale.
+
+    Raises
+    ------
+    InputFramesError
+        No image in the folder, an unreadable image, or images of different sizes.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                   key=_natural_key)
+    if not files:
+        raise InputFramesError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} frame images in the folder")
+    images: List[Image.Image] = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.load()
+                images.append(image.copy())
+        except (OSError, UnidentifiedImageError) as error:
+            raise InputFramesError(f"{file}: unreadable image ({error})") from None
+    sizes = {image.size for image in images}
+    if len(sizes) > 1:
+        raise InputFramesError(
+            f"{folder}: frames differ in size ({', '.join(f'{w}x{h}' for w, h in sorted(sizes))}); "
+            "every frame of a sequence must be the same size"
+        )
+    gray = all(image.mode in ("L", "I", "I;16", "1") for image in images)
+    return np.stack([np.asarray(image.convert("L" if gray else "RGB")) for image in images])
+
+
+def _guess_layout(array: np.ndarray, path: Path) -> str:
+    if array.ndim == 3:
+        return "THW"
+    if array.ndim == 4:
+        if path.name.startswith("mnist_test_seq"):
+            return "TNHW"
+        return "NTHW"
+    if array.ndim == 5:
+        c_first, c_last = array.shape[2] in (1, 3), array.shape[4] in (1, 3)
+        if c_first != c_last:
+            return "NTCHW" if c_first else "NTHWC"
+        raise InputFramesError(
+            f"{path}: cannot tell whether {tuple(array.shape)} is (N, T, C, H, W) or "
+            "(N, T, H, W, C); pass --layout NTCHW or NTHWC"
+        )
+    raise InputFramesError(
+        f"{path}: expected frames (T, H, W), (N, T, H, W) or (N, T, C, H, W), got a "
+        f"{array.ndim}-D array of shape {tuple(array.shape)}"
+    )
+
+
+def _to_ntchw(array: np.ndarray, layout: str, path: Path) -> np.ndarray:
+    expected = len(layout)
+    if array.ndim != expected:
+        raise InputFramesError(
+            f"{path}: layout {layout} needs a {expected}-D array, got shape {tuple(array.shape)}")
+    axes = {name: i for i, name in enumerate(layout)}
+    if "N" not in axes:
+        array, axes = array[None], {name: i + 1 for name, i in axes.items()}
+        axes["N"] = 0
+    if "C" not in axes:
+        array = array[..., None]
+        axes["C"] = array.ndim - 1
+    return np.transpose(array, [axes[name] for name in "NTCHW"])
+
+
+def _read_array(path: Path) -> Tuple[np.ndarray, Optional[str]]:
+    """The array of an .npy, or of an .npz (the release's ``data`` key, or its only array)."""
+    from .data.sequence_files import NPZ_KEY
+
+    try:
+        if path.suffix.lower() == ".npz" or zipfile.is_zipfile(path):
+            with np.load(path, allow_pickle=False) as archive:
+                names = list(archive.files)
+                if NPZ_KEY in names:
+                    array = archive[NPZ_KEY]
+                    return array, "NTHWC" if array.ndim == 5 else None
+                if len(names) != 1:
+                    raise InputFramesError(
+                        f"{path}: holds arrays {names}; expected the release's 'data' array or "
+                        "a single array")
+                return archive[names[0]], None
+        return np.load(path, allow_pickle=False), None
+    except InputFramesError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise InputFramesError(f"{path}: not a readable .npy / .npz file ({error})") from None
+
+
+def read_input_frames(path: PathLike, layout: str = "auto") -> np.ndarray:
+    """A user's sequences as float32 ``[N, T, C, H, W]`` in ``[0, 1]``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An ``.npy`` / ``.npz`` file, or a folder of frame images (one sequence, frames in
+        natural name order: ``frame_2`` before ``frame_10``). Arrays are uint8 (0-255) or
+        float in ``[0, 1]``; an npz holds the release's ``data`` array (``(N, T, H, W,
+        C)``) or a single array.
+    layout : str
+        Axis order of an array: one of :data:`ARRAY_LAYOUTS`. ``"auto"``: 3-D ``THW``, 4-D
+        ``NTHW`` (``TNHW`` for a file named ``mnist_test_seq*``), 5-D ``NTCHW`` or
+        ``NTHWC`` by which axis has 1 or 3 entries.
+
+    Raises
+    ------
+    InputFramesError
+        A missing or unreadable input, an unknown layout, or values outside the range.
+    """
+    path = Path(path)
+    if layout not in ARRAY_LAYOUTS:
+        raise InputFramesError(f"layout must be one of {ARRAY_LAYOUTS}, got {layout!r}")
+    if not path.exists():
+        raise InputFramesError(f"input not found: {path}")
+    if path.is_dir():
+        array, file_layout = read_image_folder(path), None
+        layout = "THW" if array.ndim == 3 else "THWC"
+    else:
+        array, file_layout = _read_array(path)
+        if layout == "auto":
+            layout = file_layout or _guess_layout(array, path)
+    frames = _to_ntchw(array, layout, path)
+    if 0 in frames.shape:
+        raise InputFramesError(f"{path}: empty frames of shape {tuple(frames.shape)} (as N, T, C, H, W)")
+    if frames.dtype == np.uint8:
+        return frames.astype(np.float32) / 255.0
+    if not np.issubdtype(frames.dtype, np.floating):
+        raise InputFramesError(f"{path}: frames must be uint8 (0-255) or float in [0, 1], got {frames.dtype}")
+    low, high = float(np.min(frames)), float(np.max(frames))
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
+        raise InputFramesError(
+            f"{path}: float frames must lie in [0, 1], found values in [{low:g}, {high:g}]; "
+            "scale them (or store uint8 0-255)"
+        )
+    return frames.astype(np.float32)
+
+
+def fit_frames(frames: Union[np.ndarray, torch.Tensor], config: ArchitectureConfig,
+               size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Frames ``[N, T, C, H, W]`` in ``[0, 1]`` as the model of ``config`` takes them.
+
+    RGB becomes gray (ITU-R 601-2 luma) for a one-channel model and gray is repeated for a
+    three-channel one; ``size`` ``(H, W)`` resizes (bilinear, antialiased).
+
+    Raises
+    ------
+    InputFramesError
+        Channels that cannot be converted, or a frame size not divisible by the model's
+        ``patch_size`` (the message says which sizes would do).
+    """
+    frames = torch.as_tensor(frames, dtype=torch.float32)
+    channels, wanted = frames.shape[2], config.image_channels
+    if channels != wanted:
+        if channels == 3 and wanted == 1:
+            weights = torch.tensor(_LUMA).view(1, 1, 3, 1, 1)
+            frames = (frames * weights).sum(dim=2, keepdim=True)
+        elif channels == 1 and wanted == 3:
+            frames = frames.expand(-1, -1, 3, -1, -1)
+        else:
+            raise InputFramesError(
+                f"the frames have {channels} channel(s) but the model takes {wanted}; only "
+                "RGB <-> gray are converted")
+    if size is not None:
+        n, t, c = frames.shape[:3]
+        resized = F.interpolate(frames.reshape(n * t, c, *frames.shape[3:]), size=tuple(size),
+                                mode="bilinear", antialias=True, align_corners=False)
+        frames = resized.clamp(0.0, 1.0).reshape(n, t, c, *size)
+    p = config.patch_size
+    height, width = frames.shape[3:]
+    if height % p or width % p:
+        fit = (max(p, height // p * p), max(p, width // p * p))
+        raise InputFramesError(
+            f"frame size {height} x {width} is not divisible by the model's patch_size {p}; "
+            f"resize the frames, e.g. --size {fit[0]} {fit[1]}")
+    return frames.contiguous()
+
+
+def predict_frames(
+    model: torch.nn.Module,
+    frames: torch.Tensor,
+    future_frames: int,
+    *,
+    batch_size: int = 8,
+    device: Union[str, torch.device] = "cpu",
+    precision: str = "fp32",
+    progress: bool = False,
+) -> torch.Tensor:
+    """The model's ``future_frames`` predictions after ``frames`` ``[N, T, C, H, W]``, batched.
+
+    Returns float32 ``[N, future_frames, C, H, W]`` on the CPU, clamped to ``[0, 1]``.
+    """
+    from tqdm.auto import tqdm
+
+    device = check_precision(precision, device)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    outputs = []
+    with torch.no_grad(), autocast_context(device, precision):
+        for begin in tqdm(range(0, len(frames), batch_size), desc="predict", unit="batch",
+                          disable=not progress):
+            batch = frames[begin:begin + batch_size].to(device)
+            outputs.append(model(batch, future_frames).float().clamp(0.0, 1.0).cpu())
+    return torch.cat(outputs)

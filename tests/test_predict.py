@@ -1,0 +1,148 @@
+"""The predict command and its readers: npz / npy / frame folders, our and the release's checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from applications.conv_tt_lstm import cli
+from applications.conv_tt_lstm.data.sequence_files import write_sequences_npz
+from applications.conv_tt_lstm.inference import InputFramesError, fit_frames, load_model, read_input_frames
+from applications.conv_tt_lstm.model import ArchitectureConfig, VideoPredictionNetwork, save_checkpoint
+from test_model import release_predictions, release_state_dict
+
+TINY = dict(hidden_channels=(4, 4), layers_per_block=1, kernel_size=3, order=2, steps=2, rank=2,
+            skip_stride=0, patch_size=4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = VideoPredictionNetwork(ArchitectureConfig(**TINY))
+    with torch.no_grad():
+        model.output.bias.fill_(0.3)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, model)
+    return path, model.eval()
+
+
+def frames_uint8(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def predict(argv):
+    return cli.main(["predict", *map(str, argv), "--no-progress"])
+
+
+def expected(model, frames, future):
+    with torch.no_grad():
+        return model(torch.as_tensor(frames, dtype=torch.float32), future).clamp(0, 1).numpy()
+
+
+def test_predict_from_release_npz_writes_frames_gif_and_json(tmp_path, checkpoint, capsys):
+    path, model = checkpoint
+    data = frames_uint8((3, 5, 16, 16, 1))  # the release's layout (N, T, H, W, C)
+    write_sequences_npz(tmp_path / "in.npz", data)
+    out = tmp_path / "out"
+    assert predict([path, tmp_path / "in.npz", "--future-frames", 4, "--out", out, "--batch-size", 2]) == 0
+    prediction = np.load(out / "predictions.npy")
+    reference = expected(model, np.moveaxis(data, -1, 2) / 255.0, 4)
+    np.testing.assert_allclose(prediction, reference, atol=1e-5)
+    assert prediction.shape == (3, 4, 1, 16, 16) and prediction.dtype == np.float32
+    pngs = sorted((out / "frames").rglob("*.png"))
+    assert len(pngs) == 12 and pngs[0].relative_to(out / "frames").as_posix() == "seq0000/frame_0006.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(pngs[0])), np.rint(prediction[0, 0, 0] * 255))
+    with Image.open(out / "predictions.gif") as gif:
+        assert gif.n_frames == 5 + 4
+    info = json.loads((out / "predict.json").read_text())
+    assert info["sequences"] == 3 and info["input_frames"] == 5 and info["checkpoint_layout"] == "tt-conv"
+
+
+@pytest.mark.parametrize("layout, shape, transform", [
+    ("THW", (6, 16, 16), lambda a: a[None, :, None]),
+    ("NTHW", (2, 6, 16, 16), lambda a: a[:, :, None]),
+    ("NTCHW", (2, 6, 1, 16, 16), lambda a: a),
+])
+def test_plain_arrays_in_uint8_and_float(tmp_path, checkpoint, layout, shape, transform):
+    path, model = checkpoint
+    data = frames_uint8(shape)
+    np.save(tmp_path / "u8.npy", data)
+    np.save(tmp_path / "f32.npy", data.astype(np.float32) / 255)
+    for name in ("u8.npy", "f32.npy"):
+        frames = read_input_frames(tmp_path / name)
+        np.testing.assert_allclose(frames, transform(data) / 255.0, atol=1e-7)
+    # --input-frames K: the first K frames go in, the next ones are drawn as the truth.
+    assert predict([path, tmp_path / "u8.npy", "--future-frames", 2, "--input-frames", 4,
+                    "--out", tmp_path / "o"]) == 0
+    reference = expected(model, transform(data)[:, :4] / 255.0, 2)
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "predictions.npy"), reference, atol=1e-5)
+
+
+def test_time_first_mnist_test_seq_layout(tmp_path):
+    data = frames_uint8((5, 3, 16, 16))  # (T, N, H, W)
+    np.save(tmp_path / "mnist_test_seq.npy", data)
+    frames = read_input_frames(tmp_path / "mnist_test_seq.npy")
+    np.testing.assert_array_equal(frames, np.transpose(data, (1, 0, 2, 3))[:, :, None] / np.float32(255))
+
+
+def test_folder_of_rgb_pngs_becomes_gray(tmp_path, checkpoint):
+    path, model = checkpoint
+    rgb = frames_uint8((11, 16, 16, 3), seed=2)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, frame in enumerate(rgb):  # frame_10 must come after frame_9
+        Image.fromarray(frame).save(folder / f"frame_{t}.png")
+    (folder / "notes.txt").write_text("ignored")
+    frames = fit_frames(read_input_frames(folder), model.config)
+    gray = np.stack([np.asarray(Image.fromarray(f).convert("L")) for f in rgb]) / 255.0
+    np.testing.assert_allclose(frames[0, :, 0].numpy(), gray, atol=1 / 255)  # Pillow rounds to 8 bits
+    assert predict([path, folder, "--future-frames", 3, "--out", tmp_path / "o"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "predictions.npy"), expected(model, frames, 3), atol=1e-5)
+    with Image.open(tmp_path / "o" / "predictions.gif") as gif:  # no truth: inputs, then predictions
+        assert gif.n_frames == 11 + 3
+    # --size resizes; 20 x 20 suits patch size 4.
+    assert predict([path, folder, "--future-frames", 1, "--size", 20, 20, "--out", tmp_path / "r"]) == 0
+    assert np.load(tmp_path / "r" / "predictions.npy").shape == (1, 1, 1, 20, 20)
+
+
+def test_release_checkpoint_through_predict(tmp_path):
+    config = ArchitectureConfig(hidden_channels=(4, 6), layers_per_block=2, kernel_size=3, order=2,
+                                steps=3, rank=3, skip_stride=0)
+    state = release_state_dict(config, conv3d=True)
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "release.pt")
+    data = frames_uint8((2, 4, 12, 12))
+    np.save(tmp_path / "in.npy", data)
+    assert predict([tmp_path / "release.pt", tmp_path / "in.npy", "--future-frames", 3, "--out", tmp_path / "o"]) == 0
+    frames = torch.from_numpy(data[:, :, None] / np.float32(255))
+    reference = release_predictions(state, config, frames, 3).clamp(0, 1).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "predictions.npy"), reference, atol=1e-5)
+    model, info = load_model(tmp_path / "release.pt")
+    assert info["layout"] == "release" and info["architecture"]["steps"] == 3
+
+
+def test_clear_errors(tmp_path, checkpoint, capsys):
+    path, _ = checkpoint
+    np.save(tmp_path / "odd.npy", frames_uint8((1, 3, 18, 18)))
+    np.save(tmp_path / "loud.npy", np.full((3, 16, 16), 2.0, np.float32))
+    np.save(tmp_path / "two.npy", frames_uint8((2, 3, 3, 16, 3)))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    cases = [
+        ([path, tmp_path / "odd.npy"], "frame size 18 x 18 is not divisible by the model's patch_size 4; "
+                                       "resize the frames, e.g. --size 16 16"),
+        ([path, tmp_path / "loud.npy"], "float frames must lie in [0, 1], found values in [2, 2]"),
+        ([path, tmp_path / "two.npy"], "pass --layout NTCHW or NTHWC"),
+        ([path, tmp_path / "empty"], "no .png/.jpg/.jpeg frame images"),
+        ([path, tmp_path / "junk.npy"], "not a readable .npy / .npz file"),
+        ([path, tmp_path / "missing.npy"], "input not found"),
+        ([path, tmp_path / "odd.npy", "--size", 16, 16, "--input-frames", 5], "--input-frames 5, but"),
+        ([tmp_path / "odd.npy", tmp_path / "odd.npy"], "cannot read checkpoint"),
+        ([path, tmp_path / "odd.npy", "--release-output-sigmoid"], "applies to release checkpoints only"),
+    ]
+    for argv, message in cases:
+        assert predict([*argv, "--future-frames", 2, "--out", tmp_path / "o"]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(InputFramesError, match="model takes 1"):
+        fit_frames(np.zeros((1, 2, 2, 8, 8), np.float32), ArchitectureConfig(**TINY))

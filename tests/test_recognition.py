@@ -166,7 +166,8 @@ def tiny_config(tmp_path, name="run", **overrides):
     settings = [f"run.runs_dir={tmp_path}", f"run.name={name}", "run.steps=2",
                 "run.progress=false", "run.checkpoint_every=0", "run.val_batch_size=8",
                 "data.n_frames=4", "data.frame_size=20", "data.digit_scale=4", "data.val_clips=8",
-                "data.batch_size=2", "model.encoder_channels=4,4", "model.hidden_channels=4",
+                "data.batch_size=2", "data.num_workers=0", "model.encoder_channels=4,4",
+                "model.hidden_channels=4",
                 "model.rank=2", "model.order=2", "model.steps=2"]
     settings += [f"{k}={v}" for k, v in overrides.items()]
     return apply_overrides(base, settings)
@@ -251,6 +252,7 @@ def test_accuracy_by_fraction_scores_what_each_prefix_alone_predicts():
 
 def test_cli_trains_then_evaluates_by_fractions(tmp_path):
     common = ["--runs-dir", str(tmp_path), "--name", "cli", "--no-progress", "--steps", "2",
+              "--set", "data.num_workers=0",
               "--batch-size", "2", "--frames", "4", "--model", "convlstm",
               "--set", "data.frame_size=20", "--set", "data.digit_scale=4",
               "--set", "data.val_clips=6", "--set", "model.hidden_channels=4",
@@ -348,6 +350,8 @@ def test_two_training_steps_on_ssv2_with_a_corrupt_video_reported_and_skipped(ss
                 (result.run_dir / "ssv2-failures.jsonl").read_text().splitlines()]
     assert {(f["id"], f["kind"]) for f in failures} == {("12", "corrupt")}
     assert failures[0]["file"].endswith("12.webm")
+    report = json.loads((result.run_dir / "recognition.json").read_text())
+    assert {f["id"] for f in report["video_failures"]} == {"12"}
 
 
 def test_config_round_trip_and_bad_overrides():

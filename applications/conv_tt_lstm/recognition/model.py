@@ -255,6 +255,7 @@ class Conv3dClassifier(nn.Module):
             x = F.relu(conv(F.pad(x, (0, 0, 0, 0, self.config.temporal_kernel - 1, 0))))
         x = x.transpose(1, 2)  # [B, T, C, h, w]
         pooled = torch.cat((x.mean(dim=(-2, -1)), x.amax(dim=(-2, -1))), dim=-1)
+        pooled = pooled.float()  # a running sum in bf16 would lose the later steps' share
         steps = torch.arange(1, pooled.shape[1] + 1, device=pooled.device, dtype=pooled.dtype)
         running = pooled.cumsum(dim=1) / steps.view(1, -1, 1)
         return self.head.linear(running)

@@ -322,6 +322,11 @@ def _train(config: RecognitionConfig, context: DistContext, overwrite: bool) -> 
     seconds = time.perf_counter() - started
     summary = {"dataset": data.dataset, "split": data.eval_split, "model": config.model.model,
                "parameters": parameters, "step": step, **summary}
+    if failure_log is not None:
+        from ..data.ssv2 import read_failure_log
+
+        # Videos that failed to decode (and were replaced by the next clip), by id.
+        summary["video_failures"] = read_failure_log(failure_log)
     logger.record(step, "end", {"seconds": seconds, **_flat(summary)})
     logger.close()
     if context.is_main:

@@ -1,4 +1,4 @@
-"""Training configuration as plain dataclasses, named presets, and ``section.field=value`` overrides.
+"""Training configuration: plain dataclasses, named presets, ``section.field=value`` overrides.
 
 A :class:`TrainConfig` has five sections: ``model`` (the network's
 :class:`~applications.conv_tt_lstm.model.ArchitectureConfig`), ``data``, ``optim``,
@@ -162,7 +162,8 @@ class ScheduleConfig:
 
     def __post_init__(self):
         if self.sampling not in SAMPLING_RULES:
-            raise ValueError(f"schedule.sampling must be one of {SAMPLING_RULES}, got {self.sampling!r}")
+            raise ValueError(f"schedule.sampling must be one of {SAMPLING_RULES}, "
+                             f"got {self.sampling!r}")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"schedule.lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         for name in ("sampling_start", "sampling_end"):
@@ -176,7 +177,8 @@ class ScheduleConfig:
             raise ValueError(f"schedule.linear_end ({self.linear_end}) must be >= "
                              f"schedule.linear_start ({self.linear_start})")
         if not 0 < self.lr_decay_factor <= 1:
-            raise ValueError(f"schedule.lr_decay_factor must be in (0, 1], got {self.lr_decay_factor!r}")
+            raise ValueError(f"schedule.lr_decay_factor must be in (0, 1], "
+                             f"got {self.lr_decay_factor!r}")
 
 
 @dataclass(frozen=True)

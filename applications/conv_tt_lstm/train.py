@@ -43,7 +43,7 @@ from .training.distributed import (
 )
 from .training.logging import RunLogger
 from .training.loop import NonFiniteLossError, optimizer_step
-from .training.precision import Precision, resolve_precision
+from .training.precision import resolve_precision
 from .training.schedules import TrainingSchedule
 
 
@@ -151,7 +151,8 @@ class TrainBatches:
         """Batches ``step, step + 1, ...`` forever (epoch after epoch)."""
         epoch, offset = divmod(step, self.batches_per_epoch)
         while True:
-            yield from itertools.islice(self._loader(epoch, offset), self.batches_per_epoch - offset)
+            remaining = self.batches_per_epoch - offset
+            yield from itertools.islice(self._loader(epoch, offset), remaining)
             epoch, offset = epoch + 1, 0
 
 
@@ -333,7 +334,8 @@ def _train(config: TrainConfig, context: DistContext, overwrite: bool) -> TrainR
                     log_images(step)
             if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.steps:
                 save_last(step)
-            if run.time_limit and step < run.steps and _out_of_time(started, run.time_limit, context):
+            if run.time_limit and step < run.steps and \
+                    _out_of_time(started, run.time_limit, context):
                 logger.message(f"time limit of {run.time_limit:.0f} s reached at step {step} "
                                f"of {run.steps}: stopping training early")
                 logger.record(step, "time_limit", {"seconds": time.perf_counter() - started})

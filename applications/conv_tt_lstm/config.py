@@ -1,4 +1,4 @@
-"""Training configuration as plain dataclasses, named presets, and ``section.field=value`` overrides.
+"""Training configuration: plain dataclasses, named presets, ``section.field=value`` overrides.
 
 A :class:`TrainConfig` has five sections: ``model`` (the network's
 :class:`~applications.conv_tt_lstm.model.ArchitectureConfig`), ``data``, ``optim``,
@@ -162,7 +162,8 @@ class ScheduleConfig:
 
     def __post_init__(self):
         if self.sampling not in SAMPLING_RULES:
-            raise ValueError(f"schedule.sampling must be one of {SAMPLING_RULES}, got {self.sampling!r}")
+            raise ValueError(f"schedule.sampling must be one of {SAMPLING_RULES}, "
+                             f"got {self.sampling!r}")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"schedule.lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         for name in ("sampling_start", "sampling_end"):
@@ -176,7 +177,8 @@ class ScheduleConfig:
             raise ValueError(f"schedule.linear_end ({self.linear_end}) must be >= "
                              f"schedule.linear_start ({self.linear_start})")
         if not 0 < self.lr_decay_factor <= 1:
-            raise ValueError(f"schedule.lr_decay_factor must be in (0, 1], got {self.lr_decay_factor!r}")
+            raise ValueError(f"schedule.lr_decay_factor must be in (0, 1], "
+                             f"got {self.lr_decay_factor!r}")
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,7 @@ class RunConfig:
     progress: bool = True
     resume: Optional[str] = None
     final_outputs: bool = True
+    time_limit: float = 0.0
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -215,6 +218,8 @@ class RunConfig:
         for name in ("log_every", "val_every", "checkpoint_every", "image_every", "threads"):
             _check_int(f"run.{name}", getattr(self, name), 0)
         _check_int("run.val_batch_size", self.val_batch_size, 1)
+        if not self.time_limit >= 0:
+            raise ValueError(f"run.time_limit must be >= 0 seconds, got {self.time_limit!r}")
 
 
 _SECTIONS = {"model": ArchitectureConfig, "data": DataConfig, "optim": OptimConfig,
@@ -286,20 +291,30 @@ def paper_preset() -> TrainConfig:
 
 
 def quick_preset() -> TrainConfig:
-    """A small Conv-TT-LSTM on 4 x 4-folded Moving MNIST frames for 2 CPU cores (minutes)."""
+    """A small Conv-TT-LSTM on 4 x 4-folded Moving MNIST frames for 2 CPU cores (minutes).
+
+    Folding 64 x 64 frames into 16 x 16 x 16 (space to depth) makes every convolution 16
+    times cheaper; bf16 autocast runs on the CPU's AMX units. One block of three cells of
+    32 channels, kernel 5, order 3, steps 3, rank 8; batch 16, Adam at 2e-3 with a short
+    warm-up and a cosine decay; scheduled sampling falls linearly from 1 to 0 over the first
+    40 % of the steps, so the network ends training on its own predictions, as it is judged.
+    ``run.time_limit`` stops training early (and still writes every output) should a slow
+    or busy machine need more than 8.5 minutes for the steps.
+    """
+    steps = 1800
     return TrainConfig(
-        model=ArchitectureConfig(cell="convttlstm", hidden_channels=(64, 64),
-                                 layers_per_block=1, skip_stride=0, kernel_size=3,
-                                 order=3, steps=3, rank=16, patch_size=4),
+        model=ArchitectureConfig(cell="convttlstm", hidden_channels=(32,), layers_per_block=3,
+                                 skip_stride=0, kernel_size=5, order=3, steps=3, rank=8,
+                                 patch_size=4),
         data=DataConfig(dataset="moving-mnist", input_frames=10, future_frames=10,
                         batch_size=16, samples_per_epoch=10000, val_sequences=256),
-        optim=OptimConfig(lr=3e-3, clip_grad_norm=1.0, min_lr=1e-4),
+        optim=OptimConfig(lr=2e-3, clip_grad_norm=1.0, min_lr=1e-4),
         schedule=ScheduleConfig(sampling="linear", sampling_start=1.0, sampling_end=0.0,
-                                linear_start=0, linear_end=800, lr_decay="cosine",
-                                warmup_steps=20),
-        run=RunConfig(name="quick", steps=1500, precision="bf16", val_every=500,
-                      checkpoint_every=250, log_every=10, image_every=500,
-                      val_batch_size=64),
+                                linear_start=0, linear_end=int(0.4 * steps), lr_decay="cosine",
+                                warmup_steps=50),
+        run=RunConfig(name="quick", steps=steps, precision="bf16", val_every=600,
+                      checkpoint_every=300, log_every=20, image_every=600,
+                      val_batch_size=64, time_limit=8.5 * 60),
     )
 
 

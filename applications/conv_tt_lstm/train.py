@@ -38,12 +38,12 @@ from .metrics import FrameMetrics
 from .model import ArchitectureConfig, VideoPredictionNetwork, checkpoint_dict
 from .training import checkpoints as ckpt
 from .training.distributed import (
-    DistContext, ResumableDistributedSampler, barrier, cleanup, init_distributed, unwrap_model,
+    DistContext, ResumableDistributedSampler, barrier, broadcast_object, cleanup, init_distributed,
     wrap_model,
 )
 from .training.logging import RunLogger
 from .training.loop import NonFiniteLossError, optimizer_step
-from .training.precision import Precision, resolve_precision
+from .training.precision import resolve_precision
 from .training.schedules import TrainingSchedule
 
 
@@ -53,13 +53,14 @@ class RunExistsError(ValueError):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a finished run reports (rank 0's view; the same numbers on every rank)."""
+    """What a finished run reports (the same numbers on every rank) and the trained model."""
 
     run_dir: Path
     step: int
     seconds: float
     summaries: Dict[str, Dict[str, object]]
     best_val_mse: float
+    model: torch.nn.Module
     rank: int = 0
 
 
@@ -150,16 +151,28 @@ class TrainBatches:
         """Batches ``step, step + 1, ...`` forever (epoch after epoch)."""
         epoch, offset = divmod(step, self.batches_per_epoch)
         while True:
-            yield from itertools.islice(self._loader(epoch, offset), self.batches_per_epoch - offset)
+            remaining = self.batches_per_epoch - offset
+            yield from itertools.islice(self._loader(epoch, offset), remaining)
             epoch, offset = epoch + 1, 0
 
 
 def _gather(value, context: DistContext):
+    """Every rank's ``value`` (a dict of tensors and plain values), in rank order."""
     if not context.distributed:
         return [value]
+    import io
+
+    # all_gather_object cannot carry tensors here; torch.save bytes travel as plain objects.
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
     out = [None] * context.world_size
-    torch.distributed.all_gather_object(out, value)
-    return out
+    torch.distributed.all_gather_object(out, buffer.getvalue())
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in out]
+
+
+def _out_of_time(started: float, limit: float, context: DistContext) -> bool:
+    """Whether ``limit`` seconds have passed, as rank 0 sees it (all ranks stop together)."""
+    return bool(broadcast_object(time.perf_counter() - started > limit, context))
 
 
 # ---------------------------------------------------------------------------- train
@@ -321,6 +334,12 @@ def _train(config: TrainConfig, context: DistContext, overwrite: bool) -> TrainR
                     log_images(step)
             if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.steps:
                 save_last(step)
+            if run.time_limit and step < run.steps and \
+                    _out_of_time(started, run.time_limit, context):
+                logger.message(f"time limit of {run.time_limit:.0f} s reached at step {step} "
+                               f"of {run.steps}: stopping training early")
+                logger.record(step, "time_limit", {"seconds": time.perf_counter() - started})
+                break
         save_last(step)
     except NonFiniteLossError as error:
         logger.record(error.step, "error", {"message": str(error)})
@@ -346,7 +365,7 @@ def _train(config: TrainConfig, context: DistContext, overwrite: bool) -> TrainR
     logger.record(step, "end", {"seconds": seconds, "val_mse": val_mse, "best_val_mse": best_val})
     logger.close()
     barrier(context)
-    return TrainResult(run_dir, step, seconds, summaries, best_val, context.rank)
+    return TrainResult(run_dir, step, seconds, summaries, best_val, model, context.rank)
 
 
 def _write_outputs(run_dir: Path, summaries, model, val_loader, config: TrainConfig,

@@ -89,7 +89,7 @@ class TrainingSchedule:
         if c.sampling == "plateau":
             self.plateau_ratio = max(c.sampling_end, self.plateau_ratio - c.plateau_decrement)
         after = self.rounds_since_plateau - c.lr_decay_delay
-        if c.lr_decay == "plateau" and after > 0 and after % c.lr_decay_every == 0:
+        if c.lr_decay == "plateau" and after >= 0 and after % c.lr_decay_every == 0:
             self.lr_scale *= c.lr_decay_factor
 
     def state_dict(self) -> Dict[str, Any]:

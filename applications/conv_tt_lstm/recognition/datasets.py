@@ -1,4 +1,4 @@
-"""Labelled clip datasets for early recognition, by name: items are ``(frames [T, C, H, W], label)``.
+"""Labelled clips for early recognition, by name: items are ``(frames [T, C, H, W], label)``.
 
 * ``synthetic``: the walls-touched task (:mod:`.synthetic`): ``train`` an on-the-fly
   stream (fresh clips each epoch, each DDP rank and DataLoader worker its own part),

@@ -207,7 +207,7 @@ class RecurrentClassifier(nn.Module):
         return f"model={self.config.model!r}"
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """``[B, T, C, H, W]`` frames -> ``[B, T, classes]`` logits, step ``t`` from frames ``<= t``."""
+        """Logits ``[B, T, classes]`` of frames ``[B, T, C, H, W]`` (step t: frames 0..t)."""
         _check_frames(frames, self.config)
         features = self.encoder(frames)
         states = [cell.initial_state(features[:, 0]) for cell in self.cells]
@@ -248,7 +248,7 @@ class Conv3dClassifier(nn.Module):
         return f"model='conv3d', temporal_kernel={self.config.temporal_kernel}"
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """``[B, T, C, H, W]`` frames -> ``[B, T, classes]`` logits, step ``t`` from frames ``<= t``."""
+        """Logits ``[B, T, classes]`` of frames ``[B, T, C, H, W]`` (step t: frames 0..t)."""
         _check_frames(frames, self.config)
         x = self.encoder(frames).transpose(1, 2)  # [B, C, T, h, w]
         for conv in self.convs:

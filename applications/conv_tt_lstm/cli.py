@@ -21,6 +21,8 @@ COMMAND_MODULES: List[str] = [
     "convert_nvlabs",
     "evaluate",
     "predict",
+    "train",
+    "recognize",
 ]
 
 

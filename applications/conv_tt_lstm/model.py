@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from tt_conv.recurrent import (
@@ -272,7 +273,8 @@ class VideoPredictionNetwork(nn.Module):
     def forward(self, frames: torch.Tensor, future_frames: int, *,
                 teacher_forcing: bool = False, sampling_ratio: float = 1.0,
                 all_outputs: bool = False,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None,
+                checkpoint_steps: bool = False) -> torch.Tensor:
         """Roll the network out over a sequence.
 
         The network runs ``inputs + future_frames - 1`` steps; ``outputs[t]`` predicts frame
@@ -298,6 +300,11 @@ class VideoPredictionNetwork(nn.Module):
             the training loss uses) instead of the ``future_frames`` predictions.
         generator : torch.Generator, optional
             Random source of the scheduled sampling.
+        checkpoint_steps : bool
+            Activation checkpointing: keep only each step's inputs and states for the
+            backward pass and recompute the step's inside (``torch.utils.checkpoint``);
+            memory then grows with the horizon by one state per step instead of every
+            activation of every cell.
 
         Returns
         -------
@@ -343,7 +350,11 @@ class VideoPredictionNetwork(nn.Module):
                 if teacher_forcing and sampling_ratio > 0:
                     x = self._sample(sequence[:, t], previous, float(sampling_ratio),
                                      generator)
-            previous, states = self.step(x, states)
+            if checkpoint_steps and torch.is_grad_enabled():
+                previous, states = torch.utils.checkpoint.checkpoint(
+                    self.step, x, states, use_reentrant=False)
+            else:
+                previous, states = self.step(x, states)
             outputs.append(previous)
         if not all_outputs:
             outputs = outputs[-future_frames:]

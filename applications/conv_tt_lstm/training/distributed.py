@@ -1,0 +1,158 @@
+"""Multi-process training through ``torchrun`` and DistributedDataParallel.
+
+``torchrun --nproc-per-node N -m applications.conv_tt_lstm train ...`` starts N processes
+with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set;
+:func:`init_distributed` reads them, joins the process group (NCCL on CUDA, gloo on CPU) and
+picks the device. A plain ``python -m ...`` run is a world of one and needs no process group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: rank, world size, local rank and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, writes checkpoints and figures."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def choose_device(device: str, local_rank: int = 0) -> torch.device:
+    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+        if chosen.index is None:
+            chosen = torch.device(f"cuda:{local_rank}")
+    return chosen
+
+
+def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistContext:
+    """Join the process group described by torchrun's environment (if any).
+
+    Parameters
+    ----------
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    backend : str, optional
+        Override of the process-group backend (default: ``nccl`` on CUDA, ``gloo`` on CPU).
+
+    Returns
+    -------
+    DistContext
+        A world of one when ``WORLD_SIZE`` is unset or 1.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    chosen = choose_device(device, local_rank)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if world_size > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if chosen.type == "cuda" else "gloo")
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    return DistContext(rank, world_size, local_rank, chosen)
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(context: DistContext) -> None:
+    if context.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """The mean of ``value`` over ranks (a copy; ``value`` itself is untouched)."""
+    value = value.detach().clone()
+    if context.distributed:
+        dist.all_reduce(value)
+        value /= context.world_size
+    return value
+
+
+def broadcast_object(value: Any, context: DistContext) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if not context.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap_model(model: torch.nn.Module, context: DistContext) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when the world is larger than one."""
+    if not context.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [context.device.index] if context.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel (or ``model`` itself)."""
+    return model.module if hasattr(model, "module") and isinstance(
+        model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """:class:`~torch.utils.data.DistributedSampler` that can start part-way into an epoch.
+
+    The epoch's order is the parent's (a permutation seeded by ``seed + epoch``, padded and
+    split between ranks); ``start`` skips the first ``start`` indices of this rank's share,
+    so a resumed run sees exactly the batches the interrupted one would have seen.
+    """
+
+    def __init__(self, dataset, context: DistContext, *, shuffle: bool = True, seed: int = 0,
+                 epoch: int = 0, start: int = 0):
+        super().__init__(dataset, num_replicas=context.world_size, rank=context.rank,
+                         shuffle=shuffle, seed=seed, drop_last=False)
+        self.set_epoch(epoch)
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)

@@ -1,0 +1,105 @@
+"""Scheduled sampling and learning-rate schedules (the release's plateau rule, linear, cosine).
+
+:class:`TrainingSchedule` answers two questions per step: the probability ``r`` of feeding
+the ground truth instead of the model's own output (scheduled sampling) and the learning
+rate. The plateau rule reacts to validation rounds (:meth:`TrainingSchedule.end_of_round`);
+its state is saved with the checkpoints (``state_dict``) so a resumed run continues the same
+schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+from ..config import ScheduleConfig
+
+
+class TrainingSchedule:
+    """Sampling ratio and learning rate as functions of the step and the validation history.
+
+    Parameters
+    ----------
+    config : ScheduleConfig
+        The rules (see its docstring).
+    base_lr, min_lr : float
+        Learning rate at the start (after warm-up) and the floor of every decay.
+    total_steps : int
+        Length of the run (for the cosine decay).
+    """
+
+    def __init__(self, config: ScheduleConfig, base_lr: float, min_lr: float, total_steps: int):
+        self.config = config
+        self.base_lr = float(base_lr)
+        self.min_lr = float(min_lr)
+        self.total_steps = int(total_steps)
+        # Plateau rule state: the validation history it needs, nothing else.
+        self.best = math.inf
+        self.rounds_since_best = 0
+        self.rounds_since_plateau = -1  # -1: the plateau has not been reached
+        self.plateau_ratio = config.sampling_start
+        self.lr_scale = 1.0
+
+    # -- queries
+
+    def sampling_ratio(self, step: int) -> float:
+        """Probability of reading the ground truth at a future step, for ``step``."""
+        c = self.config
+        if c.sampling == "none":
+            return c.sampling_start
+        if c.sampling == "plateau":
+            return self.plateau_ratio
+        if step <= c.linear_start:
+            return c.sampling_start
+        if step >= c.linear_end:
+            return c.sampling_end
+        fraction = (step - c.linear_start) / (c.linear_end - c.linear_start)
+        return c.sampling_start + fraction * (c.sampling_end - c.sampling_start)
+
+    def lr(self, step: int) -> float:
+        """Learning rate of ``step`` (0-based)."""
+        c = self.config
+        if c.warmup_steps and step < c.warmup_steps:
+            return self.base_lr * (step + 1) / c.warmup_steps
+        if c.lr_decay == "cosine":
+            span = max(1, self.total_steps - c.warmup_steps)
+            progress = min(1.0, (step - c.warmup_steps) / span)
+            return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+        if c.lr_decay == "plateau":
+            return max(self.min_lr, self.base_lr * self.lr_scale)
+        return self.base_lr
+
+    # -- updates
+
+    def end_of_round(self, validation_loss: float) -> None:
+        """Account for one validation round (the release's epoch) with its loss."""
+        c = self.config
+        if validation_loss < self.best:
+            self.best = float(validation_loss)
+            self.rounds_since_best = 0
+        else:
+            self.rounds_since_best += 1
+        if self.rounds_since_plateau < 0:
+            if self.rounds_since_best >= c.plateau_patience:
+                self.rounds_since_plateau = 0
+            else:
+                return
+        else:
+            self.rounds_since_plateau += 1
+        if c.sampling == "plateau":
+            self.plateau_ratio = max(c.sampling_end, self.plateau_ratio - c.plateau_decrement)
+        after = self.rounds_since_plateau - c.lr_decay_delay
+        if c.lr_decay == "plateau" and after >= 0 and after % c.lr_decay_every == 0:
+            self.lr_scale *= c.lr_decay_factor
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"best": self.best, "rounds_since_best": self.rounds_since_best,
+                "rounds_since_plateau": self.rounds_since_plateau,
+                "plateau_ratio": self.plateau_ratio, "lr_scale": self.lr_scale}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.best = float(state["best"])
+        self.rounds_since_best = int(state["rounds_since_best"])
+        self.rounds_since_plateau = int(state["rounds_since_plateau"])
+        self.plateau_ratio = float(state["plateau_ratio"])
+        self.lr_scale = float(state["lr_scale"])

@@ -185,8 +185,8 @@ def train(config: TrainConfig, *, overwrite: bool = False,
     Parameters
     ----------
     config : TrainConfig
-        Everything (see :mod:`.config`); ``config.run.resume`` ``"auto"`` continues from the
-        run's ``checkpoints/last.pt`` when there is one.
+        Everything (see :mod:`applications.conv_tt_lstm.config`); ``config.run.resume``
+        ``"auto"`` continues from the run's ``checkpoints/last.pt`` when there is one.
     overwrite : bool
         Start afresh even if the run folder holds a checkpoint (its files are replaced).
     context : DistContext, optional

@@ -485,7 +485,7 @@ def tucker(
     rank: Sequence[int],
     *,
     n_iter_max: int = 100,
-    tol: float = 1e-8,
+    tol: float = 1e-6,
     precision: Optional[str] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Tucker decomposition of the leading ``len(rank)`` modes of a kernel (HOOI).

@@ -19,7 +19,10 @@ from applications.conv_tt_lstm.recognition.model import (
 from applications.conv_tt_lstm.recognition.synthetic import (
     N_CLASSES, WallTouchFixed, WallTouchStream, generate_wall_clip, shrink_digits,
 )
-from applications.conv_tt_lstm.recognition.train import load_classifier, train_recognizer
+from applications.conv_tt_lstm.recognition.config import RecognitionOptimConfig
+from applications.conv_tt_lstm.recognition.train import (
+    load_classifier, sequence_cross_entropy, train_recognizer,
+)
 from _video_files import level_frames, write_video
 
 SQUARES = np.full((3, 6, 6), 255, np.uint8)  # the digit's box is all ink: walls are visible
@@ -206,6 +209,22 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path):
     status, _, err = run_cli(["recognize", "--precision", "fp16", "--device", "cpu",
                               "--runs-dir", str(tmp_path), "--no-progress"])
     assert status == 2 and "--precision fp16" in err and "CUDA" in err and "bf16" in err
+
+
+@pytest.mark.parametrize("loss, last_weight", [("all", 1.0), ("all", 3.0), ("ramp", 1.0),
+                                                ("ramp", 2.0), ("last", 1.0)])
+def test_sequence_loss_weights_the_steps_as_documented(loss, last_weight):
+    torch.manual_seed(0)
+    logits, labels = torch.randn(5, 4, 6), torch.randint(0, 6, (5,))
+    # Each step's cross-entropy by hand: -log softmax of the label, averaged over clips.
+    per_step = [-(logits[:, t].log_softmax(-1)[torch.arange(5), labels]).mean()
+                for t in range(4)]
+    weights = {"all": [1.0, 1.0, 1.0, last_weight], "ramp": [1.0, 2.0, 3.0, 4.0 * last_weight],
+               "last": [0.0, 0.0, 0.0, 1.0]}[loss]
+    expected = sum(w * c for w, c in zip(weights, per_step)) / sum(weights)
+    optim = RecognitionOptimConfig(loss=loss, last_weight=last_weight)
+    assert sequence_cross_entropy(logits, labels, optim).item() == pytest.approx(
+        expected.item(), rel=1e-5)
 
 
 def test_resume_continues_exactly(tmp_path):

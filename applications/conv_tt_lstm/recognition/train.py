@@ -70,7 +70,8 @@ def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     """Cross-entropy of per-step logits ``[B, T, K]`` against clip labels ``[B]``.
 
     ``optim.loss="all"``: the weighted mean over steps (the last step weighs
-    ``optim.last_weight``, the others 1); ``"last"``: the last step only.
+    ``optim.last_weight``, the others 1); ``"ramp"``: step ``t`` weighs ``t + 1`` (the last
+    ``T * optim.last_weight``), normalised; ``"last"``: the last step only.
     """
     logits = logits.float()
     if optim.loss == "last":
@@ -78,8 +79,11 @@ def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     steps = logits.shape[1]
     per_step = F.cross_entropy(logits.transpose(1, 2), labels.view(-1, 1).expand(-1, steps),
                                reduction="none").mean(0)
-    weights = torch.ones(steps, device=logits.device)
-    weights[-1] = optim.last_weight
+    if optim.loss == "ramp":
+        weights = torch.arange(1, steps + 1, device=logits.device, dtype=per_step.dtype)
+    else:
+        weights = torch.ones(steps, device=logits.device, dtype=per_step.dtype)
+    weights[-1] = weights[-1] * optim.last_weight
     return (per_step * weights).sum() / weights.sum()
 
 

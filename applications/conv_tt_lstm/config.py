@@ -54,7 +54,8 @@ class DataConfig:
     batch_size : int
         Sequences per step on each process (the global batch is ``batch_size x ranks``).
     samples_per_epoch : int
-        Sequences per epoch of the on-the-fly Moving MNIST stream.
+        Sequences per epoch of the generated Moving MNIST stream (prepared files and KTH
+        are used whole).
     val_sequences : int
         Fixed validation sequences (at most; KTH takes an evenly spaced subset).
     frame_size : int, optional

@@ -68,12 +68,19 @@ class TrainResult:
 
 
 def dataset_spec(data: DataConfig) -> DatasetSpec:
-    """The :class:`~.data.factory.DatasetSpec` of a :class:`~.config.DataConfig`."""
+    """The :class:`~.data.factory.DatasetSpec` of a :class:`~.config.DataConfig`.
+
+    ``samples_per_epoch`` sizes only the generated Moving MNIST stream: prepared training
+    files (and KTH) are used whole. Validation takes at most ``val_sequences``.
+    """
+    lengths = {"val": data.val_sequences, "test": data.val_sequences}
+    if data.dataset == "moving-mnist" and data.root is None:
+        lengths["train"] = data.samples_per_epoch
     return DatasetSpec(
         name=data.dataset, data_root=data.root, input_frames=data.input_frames,
         future_frames=data.future_frames, image_size=data.frame_size, digits=data.n_digits,
-        seed=data.seed, lengths={"train": data.samples_per_epoch, "val": data.val_sequences},
-        mnist_dir=data.mnist_dir, kth_val_persons=data.kth_val_persons)
+        seed=data.seed, lengths=lengths, mnist_dir=data.mnist_dir,
+        kth_val_persons=data.kth_val_persons)
 
 
 def validation_split(data: DataConfig) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Tuple
 
 from .model import ArchitectureConfig
 
@@ -91,10 +91,10 @@ class DataConfig:
         object.__setattr__(self, "kth_val_persons", tuple(self.kth_val_persons))
         for name in ("input_frames", "future_frames", "batch_size", "samples_per_epoch",
                      "val_sequences", "n_digits"):
-            _check_int(f"data.{name}", getattr(self, name), 1)
-        _check_int("data.num_workers", self.num_workers, 0)
+            check_int(f"data.{name}", getattr(self, name), 1)
+        check_int("data.num_workers", self.num_workers, 0)
         if self.frame_size is not None:
-            _check_int("data.frame_size", self.frame_size, 1)
+            check_int("data.frame_size", self.frame_size, 1)
 
 
 @dataclass(frozen=True)
@@ -172,8 +172,8 @@ class ScheduleConfig:
                 raise ValueError(f"schedule.{name} must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("plateau_patience", "linear_start", "linear_end", "lr_decay_delay",
                      "warmup_steps"):
-            _check_int(f"schedule.{name}", getattr(self, name), 0)
-        _check_int("schedule.lr_decay_every", self.lr_decay_every, 1)
+            check_int(f"schedule.{name}", getattr(self, name), 0)
+        check_int("schedule.lr_decay_every", self.lr_decay_every, 1)
         if self.sampling == "linear" and self.linear_end < self.linear_start:
             raise ValueError(f"schedule.linear_end ({self.linear_end}) must be >= "
                              f"schedule.linear_start ({self.linear_start})")
@@ -215,41 +215,37 @@ class RunConfig:
             raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
-        _check_int("run.steps", self.steps, 1)
+        check_int("run.steps", self.steps, 1)
         for name in ("log_every", "val_every", "checkpoint_every", "image_every", "threads"):
-            _check_int(f"run.{name}", getattr(self, name), 0)
-        _check_int("run.val_batch_size", self.val_batch_size, 1)
+            check_int(f"run.{name}", getattr(self, name), 0)
+        check_int("run.val_batch_size", self.val_batch_size, 1)
         if not self.time_limit >= 0:
             raise ValueError(f"run.time_limit must be >= 0 seconds, got {self.time_limit!r}")
 
 
-_SECTIONS = {"model": ArchitectureConfig, "data": DataConfig, "optim": OptimConfig,
-             "schedule": ScheduleConfig, "run": RunConfig}
+class SectionedConfig:
+    """Base of a frozen dataclass whose fields are configuration sections (dataclasses).
 
+    Subclasses list their sections in ``SECTIONS`` (name -> dataclass); this class gives
+    them JSON round trips, and :func:`apply_overrides` works on any of them.
+    """
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """A complete training configuration (see the module docstring)."""
-
-    model: ArchitectureConfig = field(default_factory=ArchitectureConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    SECTIONS: ClassVar[Dict[str, type]] = {}
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:
         """Plain JSON-ready values (tuples become lists)."""
         return json.loads(json.dumps({name: dataclasses.asdict(getattr(self, name))
-                                      for name in _SECTIONS}))
+                                      for name in self.SECTIONS}))
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Mapping[str, Any]]) -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Mapping[str, Any]]):
         """Inverse of :meth:`to_dict`; missing sections and fields take their defaults."""
-        unknown = sorted(set(values) - set(_SECTIONS))
+        unknown = sorted(set(values) - set(cls.SECTIONS))
         if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}; expected {sorted(_SECTIONS)}")
+            raise ValueError(
+                f"unknown config section(s) {unknown}; expected {sorted(cls.SECTIONS)}")
         sections = {}
-        for name, kind in _SECTIONS.items():
+        for name, kind in cls.SECTIONS.items():
             given = dict(values.get(name, {}))
             known = {f.name for f in dataclasses.fields(kind)}
             bad = sorted(set(given) - known)
@@ -259,13 +255,30 @@ class TrainConfig:
             sections[name] = kind(**given)
         return cls(**sections)
 
-    def replace(self, **sections) -> "TrainConfig":
+    def replace(self, **sections):
         return dataclasses.replace(self, **sections)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+@dataclass(frozen=True)
+class TrainConfig(SectionedConfig):
+    """A complete training configuration (see the module docstring)."""
+
+    SECTIONS: ClassVar[Dict[str, type]] = {
+        "model": ArchitectureConfig, "data": DataConfig, "optim": OptimConfig,
+        "schedule": ScheduleConfig, "run": RunConfig}
+
+    model: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
 
 
 # ---------------------------------------------------------------------------- presets
@@ -348,7 +361,7 @@ def preset(name: str) -> TrainConfig:
 # ---------------------------------------------------------------------------- overrides
 
 
-def _parse_value(text: str, current: Any, where: str) -> Any:
+def parse_value(text: str, current: Any, where: str) -> Any:
     """``text`` as the type of the field's current value."""
     lowered = text.strip().lower()
     if lowered in ("none", "null"):
@@ -362,7 +375,7 @@ def _parse_value(text: str, current: Any, where: str) -> Any:
     if isinstance(current, tuple):
         parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
         element = current[0] if current else 0
-        return tuple(_parse_value(p, element, where) for p in parts)
+        return tuple(parse_value(p, element, where) for p in parts)
     if isinstance(current, int):
         try:
             return int(text)
@@ -382,7 +395,7 @@ def _parse_value(text: str, current: Any, where: str) -> Any:
     return text
 
 
-def apply_overrides(config: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
+def apply_overrides(config: SectionedConfig, overrides: Iterable[str]) -> SectionedConfig:
     """Apply ``"section.field=value"`` strings in order; values take the field's type.
 
     Tuples are comma-separated (``model.hidden_channels=32,48``); ``none`` clears an
@@ -401,17 +414,17 @@ def apply_overrides(config: TrainConfig, overrides: Iterable[str]) -> TrainConfi
         if not sep or not dot:
             raise ValueError(f"override {override!r} must look like section.field=value, "
                              f"e.g. optim.lr=1e-4")
-        if section not in _SECTIONS:
+        if section not in config.SECTIONS:
             raise ValueError(f"override {override!r}: unknown section {section!r}; expected "
-                             f"one of {sorted(_SECTIONS)}")
+                             f"one of {sorted(config.SECTIONS)}")
         current_section = getattr(config, section)
         if name not in values[section]:
             raise ValueError(f"override {override!r}: {section} has no field {name!r}; "
                              f"fields: {sorted(values[section])}")
         current = getattr(current_section, name)
-        values[section][name] = _parse_value(text, current, f"override {override!r}")
+        values[section][name] = parse_value(text, current, f"override {override!r}")
     try:
-        return TrainConfig.from_dict(values)
+        return type(config).from_dict(values)
     except (TypeError, ValueError) as error:
         raise ValueError(f"invalid configuration after overrides: {error}") from None
 

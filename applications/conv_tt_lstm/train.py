@@ -37,6 +37,7 @@ from .evaluation import evaluate, evaluation_loader, first_batch_predictions
 from .metrics import FrameMetrics
 from .model import ArchitectureConfig, VideoPredictionNetwork, checkpoint_dict
 from .training import checkpoints as ckpt
+from .training.checkpoints import RunExistsError  # noqa: F401  (raised by train())
 from .training.distributed import (
     DistContext, ResumableDistributedSampler, barrier, broadcast_object, cleanup, init_distributed,
     wrap_model,
@@ -45,10 +46,6 @@ from .training.logging import RunLogger
 from .training.loop import NonFiniteLossError, optimizer_step
 from .training.precision import resolve_precision
 from .training.schedules import TrainingSchedule
-
-
-class RunExistsError(ValueError):
-    """The run folder already holds a checkpoint and neither resume nor overwrite was asked."""
 
 
 @dataclass(frozen=True)
@@ -224,11 +221,7 @@ def _train(config: TrainConfig, context: DistContext, overwrite: bool) -> TrainR
     precision = resolve_precision(run.precision, device)
     run_dir = Path(run.runs_dir) / run.name
     last_path = ckpt.checkpoint_dir(run_dir) / ckpt.LAST
-    resume_path = ckpt.find_resume_checkpoint(run_dir, run.resume)
-    if resume_path is None and last_path.is_file() and not overwrite:
-        raise RunExistsError(
-            f"{run_dir} already holds a checkpoint ({last_path}); continue it with --resume "
-            f"auto, start over with --overwrite, or pick another --name")
+    resume_path = ckpt.start_run(run_dir, run.resume, overwrite)
 
     # Data first: a missing or malformed dataset fails before any work.
     spec = dataset_spec(data)

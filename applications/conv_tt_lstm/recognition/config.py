@@ -21,12 +21,11 @@ with each run.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
-from ..config import _parse_value
+# apply_overrides is shared with the training configuration and re-exported here.
+from ..config import SectionedConfig, apply_overrides, check_int  # noqa: F401
 from .model import ClassifierConfig
 
 #: Datasets of ``recognize``.
@@ -34,11 +33,6 @@ DATASETS = ("synthetic", "kth", "ssv2")
 #: Which steps the training loss covers, and how they are weighted.
 LOSSES = ("all", "ramp", "last")
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -103,11 +97,11 @@ class RecognitionDataConfig:
             raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset in ("kth", "ssv2") and not self.root:
             raise ValueError(f"data.root is required for dataset {self.dataset!r} (--data-root)")
-        _check_int("data.n_frames", self.n_frames, 2)
+        check_int("data.n_frames", self.n_frames, 2)
         for name, minimum in (("frame_size", 0), ("digit_scale", 1), ("n_turns", 0),
                               ("clips_per_epoch", 1), ("val_clips", 0), ("kth_stride", 0),
                               ("batch_size", 1), ("num_workers", 0)):
-            _check_int(f"data.{name}", getattr(self, name), minimum)
+            check_int(f"data.{name}", getattr(self, name), minimum)
         if self.color not in ("rgb", "gray"):
             raise ValueError(f"data.color must be 'rgb' or 'gray', got {self.color!r}")
 
@@ -180,48 +174,28 @@ class RecognitionRunConfig:
             raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
-        _check_int("run.steps", self.steps, 1)
+        check_int("run.steps", self.steps, 1)
         for name in ("log_every", "val_every", "checkpoint_every", "threads"):
-            _check_int(f"run.{name}", getattr(self, name), 0)
-        _check_int("run.val_batch_size", self.val_batch_size, 1)
+            check_int(f"run.{name}", getattr(self, name), 0)
+        check_int("run.val_batch_size", self.val_batch_size, 1)
         fractions = tuple(float(f) for f in self.fractions)
         if not fractions or not all(0 < f <= 1 for f in fractions):
             raise ValueError(f"run.fractions must be numbers in (0, 1], got {self.fractions!r}")
         object.__setattr__(self, "fractions", tuple(sorted(set(fractions))))
 
 
-_SECTIONS = {"model": ClassifierConfig, "data": RecognitionDataConfig,
-             "optim": RecognitionOptimConfig, "run": RecognitionRunConfig}
-
-
 @dataclass(frozen=True)
-class RecognitionConfig:
+class RecognitionConfig(SectionedConfig):
     """A complete early-recognition configuration (see the module docstring)."""
+
+    SECTIONS: ClassVar[Dict[str, type]] = {
+        "model": ClassifierConfig, "data": RecognitionDataConfig,
+        "optim": RecognitionOptimConfig, "run": RecognitionRunConfig}
 
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     data: RecognitionDataConfig = field(default_factory=RecognitionDataConfig)
     optim: RecognitionOptimConfig = field(default_factory=RecognitionOptimConfig)
     run: RecognitionRunConfig = field(default_factory=RecognitionRunConfig)
-
-    def to_dict(self) -> Dict[str, Dict[str, Any]]:
-        return json.loads(json.dumps({name: dataclasses.asdict(getattr(self, name))
-                                      for name in _SECTIONS}))
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Mapping[str, Any]]) -> "RecognitionConfig":
-        unknown = sorted(set(values) - set(_SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}; expected {sorted(_SECTIONS)}")
-        sections = {}
-        for name, kind in _SECTIONS.items():
-            given = dict(values.get(name, {}))
-            known = {f.name for f in dataclasses.fields(kind)}
-            bad = sorted(set(given) - known)
-            if bad:
-                raise ValueError(f"unknown field(s) {bad} in config section {name!r}; "
-                                 f"expected some of {sorted(known)}")
-            sections[name] = kind(**given)
-        return cls(**sections)
 
 
 def quick_preset() -> RecognitionConfig:
@@ -293,33 +267,3 @@ def preset(name: str) -> RecognitionConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
-
-
-def apply_overrides(config: RecognitionConfig, overrides: Iterable[str]) -> RecognitionConfig:
-    """Apply ``"section.field=value"`` strings in order (values take the field's type).
-
-    Raises
-    ------
-    ValueError
-        Naming the override that does not parse, an unknown section or field, or a value
-        the section rejects.
-    """
-    values = config.to_dict()
-    for override in overrides:
-        key, sep, text = override.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot:
-            raise ValueError(f"override {override!r} must look like section.field=value, "
-                             f"e.g. optim.lr=1e-4")
-        if section not in _SECTIONS:
-            raise ValueError(f"override {override!r}: unknown section {section!r}; expected "
-                             f"one of {sorted(_SECTIONS)}")
-        if name not in values[section]:
-            raise ValueError(f"override {override!r}: {section} has no field {name!r}; "
-                             f"fields: {sorted(values[section])}")
-        current = getattr(getattr(config, section), name)
-        values[section][name] = _parse_value(text, current, f"override {override!r}")
-    try:
-        return RecognitionConfig.from_dict(values)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"invalid configuration after overrides: {error}") from None

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..atomic import atomic_torch_save, write_json_atomic, write_text_atomic
 from ..evaluation import evaluation_loader
 from ..training import checkpoints as ckpt
+from ..training.checkpoints import RunExistsError  # noqa: F401  (raised by train_recognizer())
 from ..training.distributed import (
     DistContext, ResumableDistributedSampler, barrier, cleanup, init_distributed, wrap_model,
 )
@@ -47,10 +48,6 @@ from .model import ClassifierConfig, build_classifier, count_parameters
 CHECKPOINT_FORMAT = "tt-conv/recognition-classifier"
 CHECKPOINT_VERSION = 1
 FAILURE_LOG = "ssv2-failures.jsonl"
-
-
-class RunExistsError(ValueError):
-    """The run folder already holds a checkpoint and neither resume nor overwrite was asked."""
 
 
 @dataclass
@@ -216,11 +213,7 @@ def _train(config: RecognitionConfig, context: DistContext, overwrite: bool) -> 
     precision = resolve_precision(run.precision, device)
     run_dir = Path(run.runs_dir) / run.name
     last_path = ckpt.checkpoint_dir(run_dir) / ckpt.LAST
-    resume_path = ckpt.find_resume_checkpoint(run_dir, run.resume)
-    if resume_path is None and last_path.is_file() and not overwrite:
-        raise RunExistsError(
-            f"{run_dir} already holds a checkpoint ({last_path}); continue it with --resume "
-            f"auto, start over with --overwrite, or pick another --name")
+    resume_path = ckpt.start_run(run_dir, run.resume, overwrite)
     failure_log = run_dir / FAILURE_LOG if data.dataset == "ssv2" else None
 
     # Data first: missing or malformed data fail before any work.

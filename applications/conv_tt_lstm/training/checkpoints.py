@@ -156,3 +156,25 @@ def find_resume_checkpoint(run_dir: PathLike, resume: Optional[str]) -> Optional
     if not path.is_file():
         raise ResumeError(f"--resume {resume}: no such checkpoint file")
     return path
+
+
+class RunExistsError(ValueError):
+    """The run folder already holds a checkpoint and neither resume nor overwrite was asked."""
+
+
+def start_run(run_dir: PathLike, resume: Optional[str], overwrite: bool) -> Optional[Path]:
+    """The checkpoint to resume ``run_dir`` from (or None), refusing to clobber a run.
+
+    Raises
+    ------
+    RunExistsError
+        ``run_dir`` holds a last checkpoint, nothing is resumed and ``overwrite`` is false.
+    """
+    run_dir = Path(run_dir)
+    last_path = checkpoint_dir(run_dir) / LAST
+    resume_path = find_resume_checkpoint(run_dir, resume)
+    if resume_path is None and last_path.is_file() and not overwrite:
+        raise RunExistsError(
+            f"{run_dir} already holds a checkpoint ({last_path}); continue it with --resume "
+            f"auto, start over with --overwrite, or pick another --name")
+    return resume_path

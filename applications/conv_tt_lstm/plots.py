@@ -194,6 +194,38 @@ def save_prediction_grid(
     return Path(path)
 
 
+def _write_gif(path: PathLike, grid: List[List[np.ndarray]], n_inputs: int, fps: float,
+               scale: int) -> None:
+    """Animate a grid of ``[T, H, W, C]`` sequences in [0, 1], each under a bar that is green
+    during the first ``n_inputs`` frames and red after; ``scale`` upsamples (nearest)."""
+    from PIL import Image
+
+    height, width = grid[0][0].shape[1:3]
+    gap, bar = 2 * scale, 3 * scale
+    cell_h, cell_w = height * scale, width * scale
+    n_rows, n_columns = len(grid), len(grid[0])
+    canvas_h = n_rows * (bar + cell_h + gap) - gap
+    canvas_w = n_columns * (cell_w + gap) - gap
+    images = []
+    for t in range(grid[0][0].shape[0]):
+        canvas = np.full((canvas_h, canvas_w, 3), 255, dtype=np.uint8)
+        colour = _INPUT_COLOUR if t < n_inputs else _PREDICTED_COLOUR
+        for row, sequences in enumerate(grid):
+            top = row * (bar + cell_h + gap)
+            for column, frames in enumerate(sequences):
+                x0 = column * (cell_w + gap)
+                frame = np.rint(frames[t] * 255).astype(np.uint8)
+                frame = np.repeat(np.repeat(frame, scale, axis=0), scale, axis=1)
+                if frame.shape[-1] == 1:
+                    frame = np.repeat(frame, 3, axis=-1)
+                canvas[top : top + bar, x0 : x0 + cell_w] = colour
+                canvas[top + bar : top + bar + cell_h, x0 : x0 + cell_w] = frame
+        images.append(Image.fromarray(canvas))
+    with atomic_path(path) as temporary:
+        images[0].save(temporary, save_all=True, append_images=images[1:],
+                       duration=int(round(1000 / fps)), loop=0, optimize=False)
+
+
 def save_prediction_gif(
     path: PathLike,
     inputs: ArrayLike,
@@ -222,39 +254,14 @@ def save_prediction_gif(
     scale : int
         Integer upscaling (nearest neighbour) so that small frames stay visible.
     """
-    from PIL import Image
-
     inputs, truth, prediction = _check_sequences(inputs, truth, prediction)
     if fps <= 0 or scale < 1 or max_samples < 1:
         raise ValueError(f"need fps > 0, scale >= 1 and max_samples >= 1, got {fps}, {scale}, {max_samples}")
     n_samples = min(max_samples, inputs.shape[0])
     left = np.concatenate([inputs, truth], axis=1)[:n_samples]
     right = np.concatenate([inputs, prediction], axis=1)[:n_samples]
-    n_frames, height, width = left.shape[1:4]
-    gap, bar = 2 * scale, 3 * scale
-    cell_h, cell_w = height * scale, width * scale
-    canvas_h = n_samples * (bar + cell_h) + (n_samples - 1) * gap
-    canvas_w = 2 * cell_w + gap
-    images: List[Image.Image] = []
-    for t in range(n_frames):
-        canvas = np.full((canvas_h, canvas_w, 3), 255, dtype=np.uint8)
-        colour = _INPUT_COLOUR if t < inputs.shape[1] else _PREDICTED_COLOUR
-        for b in range(n_samples):
-            top = b * (bar + cell_h + gap)
-            for column, frames in enumerate((left, right)):
-                x0 = column * (cell_w + gap)
-                frame = np.rint(frames[b, t] * 255).astype(np.uint8)
-                frame = np.repeat(np.repeat(frame, scale, axis=0), scale, axis=1)
-                if frame.shape[-1] == 1:
-                    frame = np.repeat(frame, 3, axis=-1)
-                canvas[top : top + bar, x0 : x0 + cell_w] = colour
-                canvas[top + bar : top + bar + cell_h, x0 : x0 + cell_w] = frame
-        images.append(Image.fromarray(canvas))
-    with atomic_path(path) as temporary:
-        images[0].save(
-            temporary, save_all=True, append_images=images[1:],
-            duration=int(round(1000 / fps)), loop=0, optimize=False,
-        )
+    grid = [[left[b], right[b]] for b in range(n_samples)]
+    _write_gif(path, grid, inputs.shape[1], fps, scale)
     return Path(path)
 
 
@@ -275,7 +282,6 @@ def save_sequence_figures(
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from PIL import Image
 
     inputs, prediction = _as_batch(inputs, "inputs"), _as_batch(prediction, "prediction")
     if inputs.shape[0] != prediction.shape[0] or inputs.shape[2:] != prediction.shape[2:]:
@@ -285,26 +291,9 @@ def save_sequence_figures(
         raise ValueError(f"need fps > 0, scale >= 1 and max_samples >= 1, got {fps}, {scale}, {max_samples}")
     n_samples = min(max_samples, inputs.shape[0])
     sequence = np.concatenate([inputs, prediction], axis=1)[:n_samples]
-    height, width = sequence.shape[2:4]
-    gap, bar = 2 * scale, 3 * scale
-    cell_h, cell_w = height * scale, width * scale
-    images = []
-    for t in range(sequence.shape[1]):
-        canvas = np.full((bar + cell_h, n_samples * (cell_w + gap) - gap, 3), 255, dtype=np.uint8)
-        colour = _INPUT_COLOUR if t < inputs.shape[1] else _PREDICTED_COLOUR
-        for b in range(n_samples):
-            x0 = b * (cell_w + gap)
-            frame = np.rint(sequence[b, t] * 255).astype(np.uint8)
-            frame = np.repeat(np.repeat(frame, scale, axis=0), scale, axis=1)
-            if frame.shape[-1] == 1:
-                frame = np.repeat(frame, 3, axis=-1)
-            canvas[:bar, x0 : x0 + cell_w] = colour
-            canvas[bar:, x0 : x0 + cell_w] = frame
-        images.append(Image.fromarray(canvas))
-    with atomic_path(gif_path) as temporary:
-        images[0].save(temporary, save_all=True, append_images=images[1:],
-                       duration=int(round(1000 / fps)), loop=0, optimize=False)
+    _write_gif(gif_path, [list(sequence)], inputs.shape[1], fps, scale)
 
+    height, width = sequence.shape[2:4]
     gap = max(1, width // 16)
     columns = max(inputs.shape[1], prediction.shape[1])
     rows = []

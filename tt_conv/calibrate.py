@@ -30,6 +30,7 @@ from torch import nn
 
 from .layers import CPConv, FactorizedConv, TTConv, TuckerConv
 from .layers.base import conv_geometry
+from .profile import inference_pass
 
 Inputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
@@ -46,10 +47,6 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the wanted activation is captured."""
 
 
-def _forward(model: nn.Module, inputs: Inputs):
-    return model(inputs) if isinstance(inputs, torch.Tensor) else model(*inputs)
-
-
 def input_of(model: nn.Module, name: str, inputs: Inputs) -> torch.Tensor:
     """The input of submodule ``name`` when ``model`` runs on ``inputs`` (first call).
 
@@ -63,17 +60,10 @@ def input_of(model: nn.Module, name: str, inputs: Inputs) -> torch.Tensor:
         box["x"] = args[0].detach()
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
-    training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            _forward(model, inputs)
+        inference_pass(model, inputs, [module.register_forward_pre_hook(hook)])
     except _Stop:
         pass
-    finally:
-        handle.remove()
-        model.train(training)
     if "x" not in box:
         raise ValueError(f"layer {name!r} did not run on the calibration batch")
     return box["x"]
@@ -121,15 +111,7 @@ def statistics(model: nn.Module, inputs: Inputs, names: Sequence[str]) -> Dict[s
             found[name] = LayerStatistics(moment, std)
 
         handles.append(module.register_forward_hook(hook))
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            _forward(model, inputs)
-    finally:
-        model.train(training)
-        for handle in handles:
-            handle.remove()
+    inference_pass(model, inputs, handles)
     return found
 
 

@@ -9,6 +9,8 @@ convolutions are counted from their geometry (:meth:`tt_conv.FactorizedConv.flop
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -90,6 +92,20 @@ def _call(model: nn.Module, inputs: Inputs):
     return model(*inputs)
 
 
+def inference_pass(model: nn.Module, inputs: Inputs, handles: Sequence = (), context=None):
+    """Run ``model`` once on ``inputs`` in evaluation mode without gradients (inside
+    ``context`` if given); restore its training mode and remove the hook ``handles``."""
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), (context if context is not None else contextlib.nullcontext()):
+            return _call(model, inputs)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+
+
 def conv_input_shapes(model: nn.Module, inputs: Inputs) -> Dict[str, Tuple[int, ...]]:
     """The input shape of each convolution when ``model`` runs on ``inputs``.
 
@@ -105,15 +121,7 @@ def conv_input_shapes(model: nn.Module, inputs: Inputs) -> Dict[str, Tuple[int, 
                 shapes[name] = tuple(args[0].shape)
 
         handles.append(module.register_forward_pre_hook(hook))
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            _call(model, inputs)
-    finally:
-        model.train(training)
-        for handle in handles:
-            handle.remove()
+    inference_pass(model, inputs, handles)
     return shapes
 
 
@@ -122,14 +130,8 @@ def model_flops(model: nn.Module, inputs: Inputs) -> int:
 
     Runs in evaluation mode without gradients; the model's training mode is restored.
     """
-    training = model.training
     counter = FlopCounterMode(display=False)
-    try:
-        model.eval()
-        with torch.no_grad(), counter:
-            _call(model, inputs)
-    finally:
-        model.train(training)
+    inference_pass(model, inputs, context=counter)
     return int(counter.get_total_flops())
 
 

@@ -25,7 +25,9 @@ from .recurrent import (
     HigherOrderConvLSTMCell,
     LSTMState,
     lstm_update,
+    set_pointwise,
 )
+from . import pointwise
 
 __all__ += [
     "ConvTT",
@@ -34,6 +36,8 @@ __all__ += [
     "ConvTTLSTMCell",
     "LSTMState",
     "lstm_update",
+    "set_pointwise",
+    "pointwise",
 ]
 
 from . import profile

@@ -25,6 +25,7 @@ from .recurrent import (
     HigherOrderConvLSTMCell,
     LSTMState,
     lstm_update,
+    compile_cells,
     set_pointwise,
 )
 from . import pointwise
@@ -37,6 +38,7 @@ __all__ += [
     "LSTMState",
     "lstm_update",
     "set_pointwise",
+    "compile_cells",
     "pointwise",
 ]
 

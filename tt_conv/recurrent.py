@@ -62,6 +62,7 @@ __all__ = [
     "ConvTTLSTMCell",
     "lstm_update",
     "set_pointwise",
+    "compile_cells",
     "POINTWISE_MODES",
 ]
 
@@ -150,6 +151,23 @@ def _cat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Concatenate on channels in ``dtype``: one copy, instead of a promoting concatenation
     followed by autocast's cast of the result."""
     return torch.cat([t if t.dtype == dtype else t.to(dtype) for t in tensors], dim=1)
+
+
+def compile_cells(module: nn.Module, **options) -> nn.Module:
+    """``torch.compile`` the forward of every recurrent cell in ``module``, in place.
+
+    Each cell step (its convolutions and pointwise work) becomes one compiled graph; the
+    loops over time and layers stay in Python, so nothing is unrolled and the compilation
+    takes seconds per distinct cell shape. Inside it the pointwise work is traced as
+    plain ops and fused by that compilation. ``options`` go to :meth:`torch.nn.Module.compile`
+    (e.g. ``mode="max-autotune"``). Returns ``module``.
+    """
+    cells = [m for m in module.modules() if isinstance(m, _ConvLSTMBase)]
+    if not cells:
+        raise ValueError(f"compile_cells: {type(module).__name__} holds no recurrent cell")
+    for cell in cells:
+        cell.compile(**options)
+    return module
 
 
 def set_pointwise(module: nn.Module, mode: str) -> nn.Module:
@@ -742,3 +760,7 @@ class ConvTTLSTMCell(_ConvLSTMBase):
 
     def _remember(self, memory, h):
         return self.tt.stream_update(memory, h)
+
+
+#: The recurrent cell classes (what :func:`compile_cells` and :func:`set_pointwise` look for).
+RECURRENT_CELLS = (ConvLSTMCell, HigherOrderConvLSTMCell, ConvTTLSTMCell)

@@ -188,7 +188,12 @@ class RunConfig:
 
     ``val_every`` / ``checkpoint_every`` / ``log_every`` / ``image_every`` count optimiser
     steps (0: only at the end, or never for images). ``resume`` is ``None``, ``"auto"`` (the
-    run's ``checkpoints/last.pt`` when it exists) or a checkpoint path.
+    run's ``checkpoints/last.pt`` when it exists) or a checkpoint path. ``threads``: CPU
+    threads (0: PyTorch's default, one per core; the quick preset sets 1, which keeps a run
+    on a busy machine about 2x slower than idle instead of many times slower: see
+    :mod:`~applications.conv_tt_lstm.training.execution`). ``compile``: ``torch.compile``
+    every recurrent cell (``train --compile``); without it only the cells' pointwise work
+    is compiled, where a compiler exists.
     """
 
     name: str = "run"
@@ -205,6 +210,7 @@ class RunConfig:
     activation_checkpointing: bool = False
     channels_last: bool = True
     threads: int = 0
+    compile: bool = False
     progress: bool = True
     resume: Optional[str] = None
     final_outputs: bool = True
@@ -330,9 +336,11 @@ def quick_preset() -> TrainConfig:
         schedule=ScheduleConfig(sampling="linear", sampling_start=1.0, sampling_end=0.0,
                                 linear_start=0, linear_end=int(0.4 * steps), lr_decay="cosine",
                                 warmup_steps=50),
+        # One thread: these small convolutions gain little from a second one, and beside
+        # another job a second thread makes every step wait (benchmarks/threads.py).
         run=RunConfig(name="quick", steps=steps, precision="bf16", val_every=350,
                       checkpoint_every=100, log_every=20, image_every=350,
-                      val_batch_size=64, time_limit=8.5 * 60),
+                      val_batch_size=64, time_limit=8.5 * 60, threads=1),
     )
 
 

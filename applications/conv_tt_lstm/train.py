@@ -38,6 +38,7 @@ from .metrics import FrameMetrics
 from .model import ArchitectureConfig, VideoPredictionNetwork, checkpoint_dict
 from .training import checkpoints as ckpt
 from .training.checkpoints import RunExistsError  # noqa: F401  (raised by train())
+from .training.execution import prepare_execution
 from .training.distributed import (
     DistContext, ResumableDistributedSampler, barrier, broadcast_object, cleanup, init_distributed,
     wrap_model,
@@ -216,8 +217,6 @@ def train(config: TrainConfig, *, overwrite: bool = False,
 def _train(config: TrainConfig, context: DistContext, overwrite: bool) -> TrainResult:
     run, data = config.run, config.data
     device = context.device
-    if run.threads:
-        torch.set_num_threads(run.threads)
     precision = resolve_precision(run.precision, device)
     run_dir = Path(run.runs_dir) / run.name
     last_path = ckpt.checkpoint_dir(run_dir) / ckpt.LAST
@@ -238,6 +237,7 @@ def _train(config: TrainConfig, context: DistContext, overwrite: bool) -> TrainR
 
     torch.manual_seed(run.seed)  # the same initial weights on every rank
     model = VideoPredictionNetwork(config.model, channels_last=run.channels_last).to(device)
+    prepare_execution(model, threads=run.threads, compile=run.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr,
                                  betas=config.optim.betas, weight_decay=config.optim.weight_decay)
     scaler = precision.make_scaler()

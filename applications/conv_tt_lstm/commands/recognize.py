@@ -67,6 +67,8 @@ def register(subparsers) -> None:
     common.add_argument("--runs-dir", help="parent folder of runs (default: runs)")
     common.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     common.add_argument("--threads", type=positive, help="torch CPU threads")
+    common.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile every recurrent cell (the conv3d model: whole)")
     common.add_argument("--resume", help="'auto' (the run's last checkpoint, if any) or a path")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh even if the run folder holds a checkpoint")
@@ -103,6 +105,7 @@ def resolve_config(args: argparse.Namespace, base=None):
               if args.fractions else None),
              ("run.name", args.name), ("run.runs_dir", args.runs_dir),
              ("run.device", args.device), ("run.threads", args.threads),
+             ("run.compile", args.compile),
              ("run.resume", args.resume)]
     shortcuts += [f"{key}={value}" for key, value in pairs if value is not None]
     if args.no_progress:

@@ -49,6 +49,11 @@ def register(subparsers) -> None:
     common.add_argument("--resume", help="'auto' (the run's last checkpoint, if any) or a checkpoint path")
     common.add_argument("--activation-checkpointing", action="store_true", default=None,
                         help="recompute each rollout step in the backward pass (less memory)")
+    common.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile every recurrent cell (without it only their "
+                             "pointwise work is compiled, where a compiler exists)")
+    common.add_argument("--threads", type=positive,
+                        help="CPU threads (the quick preset: 1; see run.threads)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh even if the run folder holds a checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,7 +80,8 @@ def resolve_config(args: argparse.Namespace):
              ("name", "run.name", args.name), ("runs_dir", "run.runs_dir", args.runs_dir),
              ("device", "run.device", args.device), ("resume", "run.resume", args.resume),
              ("activation_checkpointing", "run.activation_checkpointing",
-              args.activation_checkpointing)]
+              args.activation_checkpointing), ("compile", "run.compile", args.compile),
+             ("threads", "run.threads", args.threads)]
     shortcuts += [f"{key}={value}" for _, key, value in pairs if value is not None]
     if args.no_progress:
         shortcuts.append("run.progress=false")

@@ -150,7 +150,9 @@ class RecognitionRunConfig:
     ``fractions``: shares of each clip shown to the model when it is scored (the first
     ``max(1, floor(f * T))`` frames). ``cosine``: cosine learning-rate decay to 5 % of
     ``optim.lr`` over the run (else constant). ``threads``: torch CPU threads (0: torch's
-    default; 1 is faster when other jobs share the cores).
+    default; 1 is faster when other jobs share the cores, see
+    :mod:`~applications.conv_tt_lstm.training.execution`). ``compile``: ``torch.compile``
+    every recurrent cell (``recognize --compile``).
     """
 
     name: str = "recognize"
@@ -166,6 +168,7 @@ class RecognitionRunConfig:
     fractions: Tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     cosine: bool = True
     threads: int = 0
+    compile: bool = False
     progress: bool = True
     resume: Optional[str] = None
 

@@ -36,6 +36,7 @@ from ..training.checkpoints import RunExistsError  # noqa: F401  (raised by trai
 from ..training.distributed import (
     DistContext, ResumableDistributedSampler, barrier, cleanup, init_distributed, wrap_model,
 )
+from ..training.execution import prepare_execution
 from ..training.logging import RunLogger
 from ..training.loop import NonFiniteLossError, optimizer_step
 from ..training.precision import Precision, resolve_precision
@@ -208,8 +209,6 @@ def train_recognizer(config: RecognitionConfig, *, overwrite: bool = False,
 def _train(config: RecognitionConfig, context: DistContext, overwrite: bool) -> RecognitionResult:
     run, data = config.run, config.data
     device = context.device
-    if run.threads:
-        torch.set_num_threads(run.threads)
     precision = resolve_precision(run.precision, device)
     run_dir = Path(run.runs_dir) / run.name
     last_path = ckpt.checkpoint_dir(run_dir) / ckpt.LAST
@@ -229,6 +228,7 @@ def _train(config: RecognitionConfig, context: DistContext, overwrite: bool) -> 
 
     torch.manual_seed(run.seed)  # the same initial weights on every rank
     model = build_classifier(config.model).to(device)
+    prepare_execution(model, threads=run.threads, compile=run.compile)
     parameters = count_parameters(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr,
                                  betas=config.optim.betas, weight_decay=config.optim.weight_decay)

@@ -5,6 +5,7 @@
 * :mod:`.checkpoints`: atomic training checkpoints with exact resume (RNG states included).
 * :mod:`.logging`: tqdm on rank 0, TensorBoard scalars and images, a JSONL log.
 * :mod:`.loop`: one optimiser step (:func:`~.loop.optimizer_step`) with non-finite checks.
+* :mod:`.execution`: CPU threads and the optional ``torch.compile`` of the cells.
 
 Video prediction (``applications.conv_tt_lstm.train``) and activity recognition use it the
 same way: build the model, an optimiser, a :class:`~.precision.Precision` and a

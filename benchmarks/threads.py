@@ -1,0 +1,144 @@
+"""Training-step time of a preset at each thread count, on an idle and on a busy machine.
+
+On a machine whose cores are shared with another job, every parallel region of PyTorch waits
+for its slowest thread, and a thread the OS has descheduled makes the whole region wait; a
+recurrent network runs thousands of small regions per step. This script measures how much
+that costs: the preset's model (``train --preset NAME``) is trained for a few steps at each
+thread count, first alone, then beside a deliberate background job (``--load-threads``
+threads of matrix products in another process, started and stopped by this script).
+
+    python benchmarks/threads.py                         # quick preset, 1 and 2 threads
+    python benchmarks/threads.py --preset quick --threads 1 2 --steps 6 --json threads.json
+
+Reported: median seconds per step, and busy / idle for each thread count. Run it with
+nothing else on the machine (the idle rows must be idle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+LOAD = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+a = torch.randn(384, 384)
+print("ready", flush=True)
+while True:
+    a = torch.tanh(a @ a)
+"""
+
+
+def parse_args(argv=None):
+    from applications.conv_tt_lstm.config import PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration")
+    parser.add_argument("--load-threads", type=int, default=2,
+                        help="threads of the background job (0: idle rows only)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="default: the preset's")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or min(args.threads) < 1 or args.load_threads < 0:
+        parser.error("--steps and --threads must be >= 1, --load-threads >= 0")
+    return args
+
+
+def _step_function(config, precision: str):
+    import torch
+
+    from applications.conv_tt_lstm.model import VideoPredictionNetwork
+    from applications.conv_tt_lstm.precision import autocast_context
+    from applications.conv_tt_lstm.train import sequence_loss
+
+    torch.manual_seed(0)
+    model = VideoPredictionNetwork(config.model, channels_last=config.run.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
+    data = config.data
+    size = data.frame_size or 64
+    frames = torch.rand(data.batch_size, data.input_frames + data.future_frames,
+                        config.model.image_channels, size, size)
+
+    def step() -> float:
+        start = time.perf_counter()
+        with autocast_context("cpu", precision):
+            outputs = model(frames, data.future_frames, teacher_forcing=True,
+                            sampling_ratio=0.5, all_outputs=True)
+        loss = sequence_loss(outputs, frames[:, 1:], config.optim)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    return step
+
+
+def _measure(step, threads, steps):
+    import torch
+
+    torch.set_num_threads(threads)
+    step()  # warm-up (kernel creation, compilation)
+    return [step() for _ in range(steps)]
+
+
+def main(argv=None) -> int:
+    from applications.conv_tt_lstm.config import preset
+
+    args = parse_args(argv)
+    config = preset(args.preset)
+    precision = args.precision or config.run.precision
+    step = _step_function(config, precision)
+    rows = []
+    for threads in args.threads:
+        rows.append(dict(threads=threads, load="idle", seconds=_measure(step, threads,
+                                                                        args.steps)))
+    if args.load_threads:
+        load = subprocess.Popen([sys.executable, "-c", LOAD, str(args.load_threads)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            load.stdout.readline()
+            time.sleep(1.0)
+            for threads in args.threads:
+                rows.append(dict(threads=threads, load=f"{args.load_threads}-thread job",
+                                 seconds=_measure(step, threads, args.steps)))
+        finally:
+            load.kill()
+            load.wait()
+    idle = {r["threads"]: statistics.median(r["seconds"]) for r in rows if r["load"] == "idle"}
+    lines = [f"`train --preset {args.preset}` model, {precision}, one training step "
+             f"(batch {config.data.batch_size}), median of {args.steps}; "
+             f"{os.cpu_count()} cores",
+             "", "| threads | machine | s / step | vs idle, same threads | vs best idle |",
+             "|---|---|---|---|---|"]
+    best = min(idle.values())
+    for r in rows:
+        median = statistics.median(r["seconds"])
+        r["median_seconds"] = median
+        lines.append(f"| {r['threads']} | {r['load']} | {median:.3f} "
+                     f"| {median / idle[r['threads']]:.2f}x | {median / best:.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    if args.json:
+        from applications.conv_tt_lstm.atomic import write_json_atomic
+
+        write_json_atomic(args.json, dict(setup=vars(args), precision=precision, rows=rows,
+                                          report=text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -63,7 +63,8 @@ GOALS = {"fp32": dict(fraction=0.75, vs_convlstm=0.75, vs_release=1.3),
 
 #: Kinds of op in the ``--profile`` table (by profiler key; self time).
 _CONV_KEYS = ("convolution", "conv2d", "conv3d", "conv1d")
-_COPY_KEYS = ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous")
+# Only the ops that move data: aten::to / contiguous that return their input are free.
+_COPY_KEYS = ("aten::copy_",)
 _COMPILED_KEYS = ("Compiled", "compiled", "inductor", "cpp_fused", "triton_")
 _POINTWISE_KEYS = ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::sigmoid",
                    "aten::tanh", "aten::addcmul", "aten::where", "aten::fill_", "aten::zero_",

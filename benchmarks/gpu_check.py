@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CELLS = ("convlstm", "hoconvlstm", "convttlstm")
+SECTIONS = ("environment", "tests", "steps", "torchrun", "resnet50")
 EXECUTIONS = ("eager", "fused", "compiled")
 
 
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--compiled-cells", nargs="*", default=list(CELLS),
                         help="cells also timed with the whole-cell compile")
+    parser.add_argument("--only", nargs="+", metavar="SECTION", choices=SECTIONS,
+                        help=f"run only these sections (of {', '.join(SECTIONS)})")
     return parser.parse_args(argv)
 
 
@@ -72,8 +75,10 @@ class Check:
     def left(self) -> float:
         return self.args.budget - (time.perf_counter() - self.started)
 
-    def section(self, name, function, share: float):
+    def section(self, key, name, function, share: float):
         """Run ``function(deadline_seconds)`` with ``share`` of the time left."""
+        if self.args.only and key not in self.args.only:
+            return
         budget = max(0.0, self.left()) * share
         start = time.perf_counter()
         if budget < 5:
@@ -229,6 +234,8 @@ def torchrun_ddp(budget: float, device) -> dict:
                    "--set", "run.val_batch_size=8", "--set", "data.batch_size=4"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        if dry:
+            env["TT_CONV_POINTWISE"] = "eager"  # a CPU dry run: no kernel compilation
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                                 timeout=budget, env=env)
         log = Path(runs) / "ddp" / "log.jsonl"
@@ -250,12 +257,15 @@ def compress_resnet50(budget: float, device) -> dict:
     torch.manual_seed(0)
     dense = torchvision.models.resnet50(weights=None).eval().to(device)
     start = time.perf_counter()
-    compressed = tt_conv.compress(dense, factorization="tucker", rank=0.25)
+    compressed, report = tt_conv.compress(dense, factorization="tucker", rank=0.25,
+                                          progress=False)
     compress_seconds = time.perf_counter() - start
     batch, size = (2, 64) if dry else (64, 224)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(
         memory_format=torch.channels_last)
-    results = {"compress_seconds": round(compress_seconds, 1), "input": [batch, 3, size, size]}
+    results = {"compress_seconds": round(compress_seconds, 1), "input": [batch, 3, size, size],
+               "layers_factorized": sum(1 for layer in report.layers
+                                        if layer.factorization != "dense")}
     for name, model in (("dense", dense), ("compressed", compressed)):
         model = model.to(memory_format=torch.channels_last)
         dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -332,11 +342,13 @@ def main(argv=None) -> int:
     else:
         device = torch.device("cuda")
     check = Check(args)
-    check.section("environment", lambda budget: environment(device), 1.0)
-    check.section("CUDA tests", lambda budget: cuda_tests(budget, args.dry_run), 0.2)
-    check.section("training steps", lambda budget: training_steps(budget, device, args), 0.65)
-    check.section("torchrun", lambda budget: torchrun_ddp(budget, device), 0.4)
-    check.section("compress ResNet-50", lambda budget: compress_resnet50(budget, device), 1.0)
+    check.section("environment", "environment", lambda budget: environment(device), 1.0)
+    check.section("tests", "CUDA tests", lambda budget: cuda_tests(budget, args.dry_run), 0.2)
+    check.section("steps", "training steps",
+                  lambda budget: training_steps(budget, device, args), 0.65)
+    check.section("torchrun", "torchrun", lambda budget: torchrun_ddp(budget, device), 0.4)
+    check.section("resnet50", "compress ResNet-50",
+                  lambda budget: compress_resnet50(budget, device), 1.0)
     check.write()
     print((check.out / "gpu_check.md").read_text())
     failed = [n for n, e in check.results["sections"].items() if e["status"] == "failed"]

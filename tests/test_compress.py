@@ -196,8 +196,12 @@ def test_global_and_per_layer_flop_budgets_hold_when_measured():
 
 def test_budgets_below_rank_one_name_the_layer():
     model = make_cnn()
+    # Since issue 11 such layers stay dense by default; strict=True raises as before.
     with pytest.raises(ValueError, match="layer '0'.*rank 1"):
-        tt_conv.compress(model, "tucker", 0.01, progress=False)
+        tt_conv.compress(model, "tucker", 0.01, strict=True, progress=False)
+    _, report = tt_conv.compress(model, "tucker", 0.01, progress=False)
+    first = report.layers[0]
+    assert first.factorization == "dense" and "rank 1" in first.note
     with pytest.raises(ValueError, match="global"):
         tt_conv.compress(model, "tucker", {"params": 0.001, "global": True}, progress=False)
 

@@ -151,7 +151,8 @@ def run_compress(args) -> int:
         compressed, report = tt_conv.compress(
             model, args.factorization, rank, include=args.include or None,
             exclude=args.exclude or None, input_shape=parse_shape(args.input_shape),
-            calibration=calibration, fit=args.fit, implementation=args.implementation,
+            calibration=calibration, fit=args.fit, strict=args.strict,
+            implementation=args.implementation,
             inplace=True, progress=not args.quiet,
         )
     except (ValueError, TypeError) as error:
@@ -207,7 +208,7 @@ def inspect_rows(model, input_shape=None, progress: bool = True) -> List[dict]:
         dims = (kernel.shape[0] // conv.groups, *kernel.shape[1:])
         extra = 0 if bias is None else bias.numel()
         for factorization in R.FACTORIZATIONS:
-            ranks = R.evbmf_rank(factorization, kernel, groups=conv.groups)
+            ranks = R.evbmf_rank(factorization, kernel, groups=conv.groups, match_tucker=True)
             after = conv.groups * R.n_factor_parameters(factorization, dims, ranks) + extra
             row["evbmf"][factorization] = {"ranks": list(ranks), "params": after,
                                            "reduction": params / after}
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", help="a tensor batch saved with torch.save, for output "
                                          "errors and a data-aware fit")
     c.add_argument("--fit", default="auto", choices=["auto", "data", "kernel"])
+    c.add_argument("--strict", action="store_true",
+                   help="fail on a layer that cannot shrink within its budget (default: keep "
+                        "it dense and say why)")
     c.add_argument("--implementation", default="auto",
                    choices=["auto", "factorized", "reconstructed"])
     c.add_argument("--export", action="store_true",

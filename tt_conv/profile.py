@@ -3,7 +3,7 @@
 FLOPs are counted as :mod:`torch.utils.flop_counter` counts them: two per multiply-add of
 every convolution and matrix product, nothing for biases, activations or padding. Single
 convolutions are counted from their geometry (:meth:`tt_conv.FactorizedConv.flops`,
-:func:`tt_conv.rank.dense_flops`), whole models by running them under
+:func:`tt_conv.budget.dense_flops`), whole models by running them under
 :class:`torch.utils.flop_counter.FlopCounterMode`.
 """
 
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .budget import dense_flops
 from .layers import FactorizedConv
-from .rank import dense_flops
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -53,6 +53,15 @@ def conv_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
             found.append((name, module))
             skip_prefixes.append(name + ".")
     return found
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at the dotted ``name`` inside ``root``; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -21,7 +21,6 @@ cores of a tensor train.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -34,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 from .decompose import relative_error
 from .layers import CPConv, FactorizedConv, TTConv, TuckerConv
 from .layers.base import conv_geometry
-from .profile import inference_pass, set_submodule
+from .profile import copy_model, inference_pass, set_submodule
 
 Inputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
@@ -152,7 +151,7 @@ def weighted_kernel(kernel: torch.Tensor, groups: int, root: torch.Tensor,
 
 def weighted_conv(conv: nn.Module, root: torch.Tensor, scales: torch.Tensor) -> nn.Module:
     """A dense copy of ``conv`` whose kernel is :func:`weighted_kernel` (to decompose)."""
-    dense = conv.to_conv() if isinstance(conv, FactorizedConv) else copy.deepcopy(conv)
+    dense = conv.to_conv() if isinstance(conv, FactorizedConv) else copy_model(conv)
     geometry, kernel, _ = conv_geometry(dense)
     with torch.no_grad():
         dense.weight.copy_(weighted_kernel(kernel, geometry["groups"], root, scales)
@@ -409,7 +408,7 @@ class CalibrationRun:
     def __init__(self, original: nn.Module, inputs: Inputs, order: Sequence[str],
                  hold_out: bool):
         self.original = original
-        self.working = copy.deepcopy(original)
+        self.working = copy_model(original)
         self.inputs = inputs
         n = batch_size(inputs)
         if hold_out and n < 2:

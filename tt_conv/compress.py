@@ -12,7 +12,6 @@ assemble the compressed model, and report.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -30,6 +29,7 @@ from .layers import FactorizedConv
 from .layers.base import IMPLEMENTATIONS, conv_geometry
 from .profile import (
     conv_input_shapes,
+    copy_model,
     count_parameters,
     example_inputs,
     inference_pass,
@@ -271,7 +271,7 @@ def initialise_lazy(model: nn.Module, shape_inputs, inplace: bool) -> nn.Module:
     (then they stay dense, with the reason in the report)."""
     if shape_inputs is None or not any(is_uninitialized_lazy(m) for m in model.modules()):
         return model
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     try:
         inference_pass(target, shape_inputs)
     except Exception as error:
@@ -417,7 +417,7 @@ def factorize_layers(jobs: Sequence[Union[LayerJob, ConvEntry]], allocation, pro
 
 
 def _replaced(model: nn.Module, layers: Mapping[str, nn.Module], inplace: bool) -> nn.Module:
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     for name, layer in layers.items():
         set_submodule(target, name, layer)
     return target
@@ -544,7 +544,7 @@ def export(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, FactorizedConv):
         return model.to_sequential()
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     factorized = [(name, module) for name, module in target.named_modules()
                   if isinstance(module, FactorizedConv)]
     for name, module in factorized:

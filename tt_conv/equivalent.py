@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -52,13 +54,8 @@ _PAD_SIGNATURE = inspect.Signature([
 ])
 # Calls on the input that return it unchanged in value.
 _VALUE_PRESERVING = {torch.Tensor.contiguous}
-# Hooks of PyTorch's own weight re-parametrizations: they only recompute ``weight``.
-_WEIGHT_HOOK_TYPES = tuple(
-    cls for cls in (
-        getattr(torch.nn.utils.weight_norm, "WeightNorm", None),
-        getattr(torch.nn.utils.spectral_norm, "SpectralNorm", None),
-    ) if cls is not None
-)
+# Hooks of PyTorch's own (older) weight re-parametrizations: they only recompute ``weight``.
+_WEIGHT_HOOK_TYPES = (WeightNorm, SpectralNorm)
 #: Relative tolerance of the check that a plain equivalent gives the module's output.
 CHECK_TOLERANCE = 1e-4
 
@@ -136,18 +133,20 @@ def plain_equivalent(module: nn.Module, probe_sizes: Optional[Tuple[Tuple[int, .
         smallest = [(k - 1) * d + 1 for k, d in zip(module.kernel_size, module.dilation)]
         probe_sizes = (tuple(n + 2 * s + 3 for n, s in zip(smallest, module.stride)),
                        tuple(n + 2 * s + 4 for n, s in zip(smallest, module.stride)))
-    found = []
-    for size in probe_sizes:
-        result = _trace(module, size, n_dim)
+    traces = [_trace(module, size, n_dim) for size in probe_sizes]
+    pads = [t[1] for t in traces]
+    if pads[0] is not None and pads[1] is not None and pads[0] != pads[1]:
+        return PlainEquivalent(None, reason=(
+            f"{name}: its padding depends on the input size ({pads[0]} (before, after) per "
+            f"axis at size {probe_sizes[0]}, {pads[1]} at {probe_sizes[1]}), as TensorFlow's "
+            f"'SAME' padding does; no fixed convolution computes it"))
+    for result, _ in traces:
         if isinstance(result, str):
             return PlainEquivalent(None, reason=f"{name}: {result}")
-        found.append(result)
-    (conv, x, y), (other, x2, y2) = found
+    (conv, x, y), (other, x2, y2) = (t[0] for t in traces)
     if _geometry_of(conv) != _geometry_of(other):
         return PlainEquivalent(None, reason=(
-            f"{name}: its padding depends on the input size ({_padding_text(conv)} at size "
-            f"{probe_sizes[0]}, {_padding_text(other)} at {probe_sizes[1]}), as TensorFlow's "
-            f"'SAME' padding does; no fixed convolution computes it"))
+            f"{name}: the convolution its forward runs changes with the input size"))
     for probe, expected in ((x, y), (x2, y2)):
         with torch.no_grad():
             got = conv(probe)
@@ -207,7 +206,9 @@ class _InputTrace(TorchFunctionMode):
 
 
 def _trace(module: nn.Module, size: Tuple[int, ...], n_dim: int):
-    """``(plain conv, probe, module output)`` of one probe, or a string saying what failed."""
+    """``(result, padding)`` of one probe: the result is ``(plain conv, probe, module
+    output)`` or a string saying what failed; the padding, the (before, after) zero padding
+    per axis the forward applied (None when unknown)."""
     weight = next((p for p in module.parameters()), None)
     device = weight.device if weight is not None else torch.device("cpu")
     dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
@@ -217,27 +218,27 @@ def _trace(module: nn.Module, size: Tuple[int, ...], n_dim: int):
     try:
         y = inference_pass(module, x, context=trace)
     except Exception as error:  # a module may refuse a probe in many ways
-        return f"could not run it on a probe input of shape {tuple(x.shape)} ({error})"
+        return f"could not run it on a probe input of shape {tuple(x.shape)} ({error})", None
     if trace.problem:
-        return trace.problem
+        return trace.problem, None
     if len(trace.convs) != 1:
-        return f"its forward runs {len(trace.convs)} convolutions on the input"
+        return f"its forward runs {len(trace.convs)} convolutions on the input", None
     call, conv_out = trace.convs[0]
     if conv_out is not y:
-        return "its output is not the output of the convolution it runs"
+        return "its output is not the output of the convolution it runs", None
     if len(trace.pads) > 1:
-        return "its forward pads the input several times"
+        return "its forward pads the input several times", None
     pad = None
     if trace.pads:
         pad, padded = trace.pads[0]
         if pad["input"] is not x or call["input"] is not padded:
-            return "its forward pads something other than the input of the convolution"
+            return "its forward pads something other than the input of the convolution", None
     elif call["input"] is not x:
-        return "its convolution does not run on the input as given"
+        return "its convolution does not run on the input as given", None
     if call["weight"].dim() - 2 != n_dim:
-        return f"its forward runs a {call['weight'].dim() - 2}-D convolution"
-    conv = _plain_conv(call, pad, n_dim)
-    return conv if isinstance(conv, str) else (conv, x, y)
+        return f"its forward runs a {call['weight'].dim() - 2}-D convolution", None
+    conv, pairs = _plain_conv(call, pad, n_dim)
+    return (conv if isinstance(conv, str) else (conv, x, y)), pairs
 
 
 def _axis_tuple(value, n_dim: int) -> Tuple[int, ...]:
@@ -248,7 +249,8 @@ def _axis_tuple(value, n_dim: int) -> Tuple[int, ...]:
 
 
 def _plain_conv(call, pad, n_dim: int):
-    """The ``nn.ConvNd`` of a recorded convolution (and padding), or why none exists."""
+    """The ``nn.ConvNd`` of a recorded convolution (and padding), or why none exists, and
+    the (before, after) padding per axis."""
     weight, bias = call["weight"].detach(), call["bias"]
     kernel_size = tuple(weight.shape[2:])
     stride = _axis_tuple(call["stride"], n_dim)
@@ -260,16 +262,16 @@ def _plain_conv(call, pad, n_dim: int):
     if pad is not None:
         amounts = list(pad["pad"])
         if len(amounts) % 2 or len(amounts) > 2 * n_dim:
-            return "its forward pads axes other than the spatial ones"
+            return "its forward pads axes other than the spatial ones", None
         pairs = [(0, 0)] * n_dim
         for i in range(len(amounts) // 2):
             pairs[n_dim - 1 - i] = (int(amounts[2 * i]), int(amounts[2 * i + 1]))
         if pad["mode"] == "constant":
             if pad["value"] not in (None, 0, 0.0):
-                return f"its forward pads with the value {pad['value']}"
+                return f"its forward pads with the value {pad['value']}", None
             conv_pairs = [(a + c, b + d) for (a, b), (c, d) in zip(pairs, conv_pairs)]
         elif any(p != (0, 0) for p in conv_pairs):
-            return f"its forward pads in mode {pad['mode']!r} and then with zeros"
+            return f"its forward pads in mode {pad['mode']!r} and then with zeros", None
         else:
             mode, conv_pairs = pad["mode"], pairs
     if all(a == b for a, b in conv_pairs):
@@ -279,7 +281,7 @@ def _plain_conv(call, pad, n_dim: int):
         padding = "same"
     else:
         return (f"its padding {conv_pairs} is asymmetric (before, after) per axis, which no "
-                f"torch convolution expresses")
+                f"torch convolution expresses"), conv_pairs
     groups = int(call["groups"])
     in_channels = int(call["input"].shape[1])
     cls = EXACT_CONV_TYPES[n_dim - 1]
@@ -290,7 +292,7 @@ def _plain_conv(call, pad, n_dim: int):
         conv.weight.copy_(weight)
         if bias is not None:
             conv.bias.copy_(bias.detach())
-    return conv
+    return conv, conv_pairs
 
 
 def _geometry_of(conv: nn.Module):

@@ -10,6 +10,7 @@ convolutions are counted from their geometry (:meth:`tt_conv.FactorizedConv.flop
 from __future__ import annotations
 
 import contextlib
+import copy
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -64,11 +65,26 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return old
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, also of modules that ``copy.deepcopy`` refuses: a tensor
+    attribute computed from parameters (the ``weight`` of the older
+    :func:`torch.nn.utils.weight_norm`) is copied detached, as its hook recomputes it."""
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def count_parameters(module: nn.Module) -> int:
-    """Number of distinct parameters (shared tensors counted once)."""
+    """Number of distinct parameters (shared tensors counted once; parameters of
+    uninitialised lazy modules count 0)."""
     seen = set()
     total = 0
     for p in module.parameters():
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            continue
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()

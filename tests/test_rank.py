@@ -12,15 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tt_conv import FactorizedConv, decompose
 from tt_conv import budget as B
 from tt_conv import rank as R
+from conftest import threads_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small linear algebra is far slower with 2 threads on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = threads_fixture(1)
 
 
 def low_rank_plus_noise(L, M, signal, sigma, seed):

@@ -44,8 +44,8 @@ WEIGHT_FLOOR = 1e-3
 REFIT_RIDGE = 1e-6
 #: Samples of the calibration batch processed at once when accumulating Gram matrices.
 CHUNK = 64
-#: Relative ridges tried when held-out samples choose one.
-RIDGES = (1e-6, 1e-4, 1e-2, 1e-1, 1.0)
+#: Relative ridges (towards the decomposition's weights) tried when held-out samples choose.
+RIDGES = (1e-6, 1e-4, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 #: The refit needs at least this many positions (samples x output positions) per unknown.
 MIN_POSITIONS_PER_UNKNOWN = 2
 
@@ -243,8 +243,9 @@ def refit_output_stage(layer: FactorizedConv, x: torch.Tensor, target: torch.Ten
     """Least-squares refit of the layer's last (pointwise) stage and bias.
 
     Finds the output factor (and bias, if the layer has one) minimising
-    ``||layer(x) - target||`` with the other factors fixed: a ridge-regularised linear
-    regression of ``target`` on the activations entering the last stage, one per group.
+    ``||layer(x) - target||`` with the other factors fixed: a linear regression of
+    ``target`` on the activations entering the last stage, one per group, with a ridge
+    penalty pulling the weights towards their current values (the decomposition's).
 
     Parameters
     ----------
@@ -303,8 +304,10 @@ def refit_output_stage(layer: FactorizedConv, x: torch.Tensor, target: torch.Ten
         mean = diagonal.mean(dim=1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
 
         def solve(relative):
+            # Ridge towards the current weights (the decomposition's), not towards zero: a
+            # large penalty leaves the layer as it was instead of shrinking its output.
             penalty = torch.diag_embed((relative * mean).expand_as(diagonal))
-            return torch.linalg.solve(gram + penalty, cross)  # (g, width, out_g)
+            return torch.linalg.solve(gram + penalty, cross + penalty @ current)
 
         before = after = None
         if held_out is None:
@@ -388,9 +391,10 @@ class CalibrationRun:
 
     Holds the original model and a working copy into which the factorized layers are
     swapped one by one, so that each layer is fitted and judged on the inputs it gets in
-    the compressed model. Under data fitting the batch is split into *fit* samples (all but
-    a quarter, at least one held out) and *held-out* samples on which every candidate is
-    judged: by the error of what the next convolution (in call order) receives, or of the
+    the compressed model. Under data fitting the batch is split into *fit* samples (the
+    first three quarters, in batch order) and *held-out* samples (the last quarter, at
+    least one) on which every candidate is judged, so a batch ordered by source (clips,
+    images of one kind) is judged on sources it was not fitted on: by the error of what the next convolution (in call order) receives, or of the
     model's output after the last one. Without data fitting every sample serves for both.
 
     Parameters

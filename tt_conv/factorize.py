@@ -269,6 +269,19 @@ def _judge(candidate: Candidate, data: LayerData) -> None:
         candidate.downstream = data.downstream_error(candidate.layer)
 
 
+#: A data-aware fit replaces the kernel fit only if it lowers the held-out downstream error
+#: by at least this fraction: small gains on a few held-out samples do not generalise.
+DATA_FIT_MARGIN = 0.05
+
+
+def _better(candidate: Candidate, held: Candidate) -> bool:
+    """Whether ``candidate`` replaces ``held`` (two fits of one factorization, in order:
+    kernel fit first)."""
+    if held.fit == "kernel" and candidate.fit != "kernel" and candidate.downstream is not None:
+        return candidate.downstream < (1 - DATA_FIT_MARGIN) * held.downstream
+    return candidate.fit_key() < held.fit_key()
+
+
 def _shrinks(candidate: Candidate, job: LayerJob) -> bool:
     if job.spec.metric == "flops":
         return candidate.flops is not None and candidate.flops < job.dense_flops
@@ -336,7 +349,7 @@ def factorize_layer(job: LayerJob, allocation: Optional[Allocation], *, implemen
     per_factorization = {}
     for candidate in shrinking:
         held = per_factorization.get(candidate.factorization)
-        if held is None or candidate.fit_key() < held.fit_key():
+        if held is None or _better(candidate, held):
             per_factorization[candidate.factorization] = candidate
     best = min(per_factorization.values(), key=lambda c: c.score)
     notes = [n for n in (note, job.baked) if n]

@@ -11,7 +11,6 @@ contiguous, and every output must be finite and equal to the contiguous computat
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from tt_conv import ConvLSTMCell, ConvTTLSTMCell, FactorizedConv
 from tt_conv.layers.base import has_unit_spatial_axis

@@ -2,17 +2,22 @@
 
 Decomposing a kernel minimises the kernel error, which treats every input and output
 channel alike; what matters is the error of the layer's *output* on real inputs. With a
-calibration batch, :func:`tt_conv.compress` therefore
+calibration batch and ``fit="data"``, :func:`tt_conv.compress` therefore also tries
 
-1. *weights* the kernel before decomposing it: input channels by the square root of their
+1. *weighting* the kernel before decomposing it: input channels by the square root of their
    second-moment matrix on the batch (so directions the inputs never take cost nothing)
    and output channels by the inverse of their standard deviation (what a following
-   batch norm does), and undoes the weighting on the input and output factors
+   batch norm does), undoing the weighting on the input and output factors
    (:func:`whitening`, :func:`weighted_conv`, :func:`unweight_factors`);
-2. *refits* the last, pointwise stage (and the bias) by least squares so that the layer,
+2. *refitting* the last, pointwise stage (and the bias) by least squares so that the layer,
    fed the inputs it sees in the compressed model, reproduces the original model's output
-   at that point (:func:`refit_output_stage`); errors of earlier layers are compensated
-   rather than accumulated.
+   at that point (:func:`refit_output_stage`), with a ridge towards the decomposition's
+   weights chosen on held-out samples, refused when underdetermined, and kept per output
+   channel only where it lowers the held-out error.
+
+:class:`CalibrationRun` holds the batch through a compression: the fit / held-out split,
+the working copy the layers are swapped into, and the held-out error of what the next
+convolution receives, on which the candidates are judged.
 
 Only the layer's factor matrices on the channel modes are touched, which every
 factorization has: the input and output factors of CP and Tucker, the first and last
@@ -27,7 +32,6 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-
 from torch.utils._pytree import tree_flatten
 
 from .decompose import relative_error

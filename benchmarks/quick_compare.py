@@ -126,7 +126,7 @@ def main(argv=None) -> int:
               f"step (shared machine: noisy)."]
     print("\n".join(lines))
     if args.json:
-        from applications.conv_tt_lstm.atomic import write_json_atomic
+        from applications.conv_tt_lstm.files import write_json_atomic
 
         write_json_atomic(args.json, {"rows": rows, "config": first.to_dict()})
     return 0

@@ -13,9 +13,8 @@ import torch
 from applications.conv_tt_lstm import cli
 from applications.conv_tt_lstm.recognition.config import RecognitionConfig, apply_overrides, preset
 from applications.conv_tt_lstm.recognition.evaluate import accuracy_by_fraction, frames_seen
-from applications.conv_tt_lstm.recognition.model import (
-    ClassifierConfig, build_classifier, count_parameters,
-)
+from applications.conv_tt_lstm.complexity import parameter_counts as count_parameters
+from applications.conv_tt_lstm.recognition.model import ClassifierConfig, build_classifier
 from applications.conv_tt_lstm.recognition.synthetic import (
     N_CLASSES, WallTouchFixed, WallTouchStream, generate_wall_clip, shrink_digits,
 )

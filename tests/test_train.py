@@ -21,7 +21,7 @@ from applications.conv_tt_lstm.model import ArchitectureConfig, load_checkpoint
 from applications.conv_tt_lstm.train import train
 from applications.conv_tt_lstm.training.checkpoints import load_training_checkpoint
 from applications.conv_tt_lstm.training.loop import NonFiniteLossError
-from applications.conv_tt_lstm.training.precision import PrecisionError
+from applications.conv_tt_lstm.precision import PrecisionError
 
 
 def tiny_config(tmp_path, name="run", **changes) -> TrainConfig:

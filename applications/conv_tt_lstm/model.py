@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,7 +33,7 @@ from tt_conv.recurrent import (
     LSTMState,
 )
 
-from .atomic import atomic_torch_save
+from .files import atomic_torch_save
 
 #: Cell names accepted by :attr:`ArchitectureConfig.cell`.
 CELL_TYPES = ("convlstm", "hoconvlstm", "convttlstm")

@@ -13,7 +13,7 @@ from typing import List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .atomic import atomic_path
+from .files import atomic_path
 
 ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821 (torch is optional here)
 PathLike = Union[str, Path]

@@ -24,27 +24,29 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .atomic import atomic_torch_save, write_json_atomic
+from .files import atomic_torch_save, write_json_atomic
 from .config import DataConfig, OptimConfig, TrainConfig
 from .data.factory import DatasetSpec, build_video_dataset, sample_shape
-from .evaluation import evaluate, evaluation_loader, first_batch_predictions
+from .evaluation import (
+    evaluate, evaluation_loader, first_batch_predictions, write_evaluation,
+)
 from .metrics import FrameMetrics
-from .model import ArchitectureConfig, VideoPredictionNetwork, checkpoint_dict
+from .model import VideoPredictionNetwork, checkpoint_dict
 from .training import checkpoints as ckpt
 from .training.checkpoints import RunExistsError  # noqa: F401  (raised by train())
 from .training.distributed import (
-    DistContext, ResumableDistributedSampler, barrier, broadcast_object, cleanup, init_distributed,
-    wrap_model,
+    DistContext, ResumableDistributedSampler, all_gather_state, barrier, broadcast_object, cleanup,
+    init_distributed, set_threads, wrap_model,
 )
 from .training.logging import RunLogger
 from .training.loop import NonFiniteLossError, optimizer_step
-from .training.precision import resolve_precision
+from .precision import resolve_precision
+from .prediction import check_frame_geometry
 from .training.schedules import TrainingSchedule
 
 
@@ -83,20 +85,6 @@ def dataset_spec(data: DataConfig) -> DatasetSpec:
 def validation_split(data: DataConfig) -> str:
     """``"val"``, except for KTH without held-out persons: then the test persons."""
     return "test" if data.dataset == "kth" and not data.kth_val_persons else "val"
-
-
-def check_frame_geometry(model: ArchitectureConfig, frame_shape: Tuple[int, int, int],
-                         where: str = "the dataset") -> None:
-    """Raise ``ValueError`` unless frames ``(C, H, W)`` fit the model (channels, patch size)."""
-    channels, height, width = frame_shape
-    if channels != model.image_channels:
-        raise ValueError(f"{where} has {channels}-channel frames, but model.image_channels is "
-                         f"{model.image_channels}")
-    p = model.patch_size
-    if height % p or width % p:
-        raise ValueError(f"{where} has {height} x {width} frames, not divisible by "
-                         f"model.patch_size={p}; choose a patch size dividing both "
-                         f"(--set model.patch_size=N) or resize the data")
 
 
 def sequence_loss(outputs: torch.Tensor, targets: torch.Tensor, optim: OptimConfig) -> torch.Tensor:
@@ -160,20 +148,6 @@ class TrainBatches:
             epoch, offset = epoch + 1, 0
 
 
-def _gather(value, context: DistContext):
-    """Every rank's ``value`` (a dict of tensors and plain values), in rank order."""
-    if not context.distributed:
-        return [value]
-    import io
-
-    # all_gather_object cannot carry tensors here; torch.save bytes travel as plain objects.
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    out = [None] * context.world_size
-    torch.distributed.all_gather_object(out, buffer.getvalue())
-    return [torch.load(io.BytesIO(data), weights_only=True) for data in out]
-
-
 def _out_of_time(started: float, limit: float, context: DistContext) -> bool:
     """Whether ``limit`` seconds have passed, as rank 0 sees it (all ranks stop together)."""
     return bool(broadcast_object(time.perf_counter() - started > limit, context))
@@ -216,8 +190,7 @@ def train(config: TrainConfig, *, overwrite: bool = False,
 def _train(config: TrainConfig, context: DistContext, overwrite: bool) -> TrainResult:
     run, data = config.run, config.data
     device = context.device
-    if run.threads:
-        torch.set_num_threads(run.threads)
+    set_threads(run.threads)
     precision = resolve_precision(run.precision, device)
     run_dir = Path(run.runs_dir) / run.name
     last_path = ckpt.checkpoint_dir(run_dir) / ckpt.LAST
@@ -272,7 +245,7 @@ def _train(config: TrainConfig, context: DistContext, overwrite: bool) -> TrainR
     started = time.perf_counter()
 
     def save_last(at_step: int) -> None:
-        rng = _gather(ckpt.capture_rng_state(generators), context)
+        rng = all_gather_state(ckpt.capture_rng_state(generators), context)
         if context.is_main:
             training = ckpt.training_state(
                 at_step, stateful, extra={"rng_per_rank": rng, "best_val_mse": best_val,
@@ -371,17 +344,14 @@ def _train(config: TrainConfig, context: DistContext, overwrite: bool) -> TrainR
 def _write_outputs(run_dir: Path, summaries, model, val_loader, config: TrainConfig,
                    split: str) -> None:
     """metrics.json / .md, curves.png, predictions.png / .gif (the ``evaluate`` command's files)."""
-    from .commands.evaluate import write_evaluation
-
     data = config.data
     figures = first_batch_predictions(model, val_loader, input_frames=data.input_frames,
                                       future_frames=data.future_frames,
                                       device=next(model.parameters()).device,
                                       precision=config.run.precision, max_samples=4)
-    args = SimpleNamespace(checkpoint=run_dir / "checkpoints" / ckpt.LAST, dataset=data.dataset,
-                           split=split, input_frames=data.input_frames,
-                           future_frames=data.future_frames, figure_samples=4)
-    write_evaluation(run_dir, summaries, figures, args)
+    title = (f"{ckpt.LAST} on {data.dataset} {split}, "
+             f"{data.input_frames} -> {data.future_frames}")
+    write_evaluation(run_dir, summaries, figures, title=title, figure_samples=4)
 
 
 def improvement_table(summaries: Dict[str, Dict[str, object]]) -> str:

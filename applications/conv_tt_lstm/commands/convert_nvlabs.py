@@ -32,6 +32,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import os
 
+    from tt_conv.profile import count_parameters
+
     from ..model import CheckpointError, load_nvlabs_checkpoint, save_checkpoint
 
     if os.path.exists(args.output) and not args.force:
@@ -42,6 +44,6 @@ def run(args) -> int:
         raise CommandError(f"{args.input}: {error}") from None
     save_checkpoint(args.output, model, source={"converted_from": os.path.abspath(args.input),
                                                 "layout": "NVlabs conv-tt-lstm release"})
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     print(f"wrote {args.output}: {model.config} ({n_params:,} parameters)")
     return 0

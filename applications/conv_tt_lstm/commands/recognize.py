@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.video import VideoDecodeError
     from ..training.checkpoints import ResumeError
     from ..training.loop import NonFiniteLossError
-    from ..training.precision import PrecisionError
+    from ..precision import PrecisionError
 
     failures = (FileNotFoundError, DatasetFileError, PrecisionError, ResumeError,
                 VideoDecodeError, ValueError)

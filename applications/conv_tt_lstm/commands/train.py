@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train import improvement_table, train
     from ..training.checkpoints import ResumeError
     from ..training.loop import NonFiniteLossError
-    from ..training.precision import PrecisionError
+    from ..precision import PrecisionError
 
     config = resolve_config(args)
     if args.print_config:

@@ -275,7 +275,7 @@ def read_npy_shape(path: PathLike) -> Optional[Tuple[int, ...]]:
 
 
 def _write_npy(path: Path, frames: np.ndarray) -> None:
-    from ..atomic import atomic_path
+    from ..files import atomic_path
 
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         np.lib.format.write_array(handle, np.ascontiguousarray(frames), allow_pickle=False)
@@ -367,7 +367,7 @@ def prepare_kth(
     """
     from tqdm.auto import tqdm
 
-    from ..atomic import write_json_atomic
+    from ..files import write_json_atomic
 
     target_size = parse_size(size)
     if resample not in RESAMPLE_FILTERS:

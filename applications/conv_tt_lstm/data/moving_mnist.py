@@ -393,7 +393,7 @@ def prepare_moving_mnist(
     """
     from tqdm.auto import tqdm
 
-    from ..atomic import write_json_atomic
+    from ..files import write_json_atomic
     from .sequence_files import NpzSequenceWriter
 
     sizes = dict({"train": 10000, "val": 3000, "test": 5000} if sizes is None else sizes)

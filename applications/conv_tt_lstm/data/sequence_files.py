@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..atomic import atomic_path
+from ..files import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 

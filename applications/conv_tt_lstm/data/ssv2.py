@@ -390,7 +390,7 @@ class SomethingSomethingV2(Dataset):
         return frames
 
     def _store(self, clip_id: str, frames: np.ndarray) -> None:
-        from ..atomic import atomic_path
+        from ..files import atomic_path
 
         with atomic_path(self.cache_dir / f"{clip_id}.npy") as temporary, open(temporary, "wb") as handle:
             np.lib.format.write_array(handle, frames, allow_pickle=False)

@@ -18,7 +18,7 @@ Command line: ``python -m applications.conv_tt_lstm recognize --preset quick`` (
 from .config import PRESETS, RecognitionConfig, apply_overrides, preset
 from .evaluate import accuracy_by_fraction, accuracy_table, frames_seen, plot_accuracy_by_fraction
 from .model import (
-    ClassifierConfig, Conv3dClassifier, RecurrentClassifier, build_classifier, count_parameters,
+    ClassifierConfig, Conv3dClassifier, RecurrentClassifier, build_classifier,
 )
 from .synthetic import WallTouchFixed, WallTouchStream, generate_wall_clip
 
@@ -38,6 +38,6 @@ __all__ = [
     "PRESETS", "RecognitionConfig", "apply_overrides", "preset",
     "accuracy_by_fraction", "accuracy_table", "frames_seen", "plot_accuracy_by_fraction",
     "ClassifierConfig", "Conv3dClassifier", "RecurrentClassifier", "build_classifier",
-    "count_parameters", "WallTouchFixed", "WallTouchStream", "generate_wall_clip",
+    "WallTouchFixed", "WallTouchStream", "generate_wall_clip",
     "evaluate_checkpoint", "load_classifier", "train_recognizer",
 ]

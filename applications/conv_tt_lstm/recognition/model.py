@@ -268,13 +268,3 @@ def build_classifier(config: ClassifierConfig) -> nn.Module:
     if config.model == "conv3d":
         return Conv3dClassifier(config)
     return RecurrentClassifier(config)
-
-
-def count_parameters(model: nn.Module) -> Dict[str, int]:
-    """Trainable parameters, in total and per top-level part (encoder, cells/convs, head)."""
-    parts: Dict[str, int] = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            part = name.split(".", 1)[0]
-            parts[part] = parts.get(part, 0) + parameter.numel()
-    return {"total": sum(parts.values()), **parts}

@@ -29,20 +29,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..atomic import atomic_torch_save, write_json_atomic, write_text_atomic
+from ..files import atomic_torch_save, write_json_atomic, write_text_atomic
 from ..evaluation import evaluation_loader
 from ..training import checkpoints as ckpt
 from ..training.checkpoints import RunExistsError  # noqa: F401  (raised by train_recognizer())
 from ..training.distributed import (
-    DistContext, ResumableDistributedSampler, barrier, cleanup, init_distributed, wrap_model,
+    DistContext, ResumableDistributedSampler, barrier, cleanup, init_distributed, set_threads,
+    wrap_model,
 )
 from ..training.logging import RunLogger
 from ..training.loop import NonFiniteLossError, optimizer_step
-from ..training.precision import Precision, resolve_precision
+from ..precision import resolve_precision
 from .config import RecognitionConfig, RecognitionOptimConfig
 from .datasets import ClipSource, build_clip_source
 from .evaluate import accuracy_by_fraction, accuracy_table, plot_accuracy_by_fraction
-from .model import ClassifierConfig, build_classifier, count_parameters
+from ..complexity import parameter_counts
+from .model import ClassifierConfig, build_classifier
 
 #: ``format`` of our recognition checkpoints.
 CHECKPOINT_FORMAT = "tt-conv/recognition-classifier"
@@ -208,8 +210,7 @@ def train_recognizer(config: RecognitionConfig, *, overwrite: bool = False,
 def _train(config: RecognitionConfig, context: DistContext, overwrite: bool) -> RecognitionResult:
     run, data = config.run, config.data
     device = context.device
-    if run.threads:
-        torch.set_num_threads(run.threads)
+    set_threads(run.threads)
     precision = resolve_precision(run.precision, device)
     run_dir = Path(run.runs_dir) / run.name
     last_path = ckpt.checkpoint_dir(run_dir) / ckpt.LAST
@@ -229,7 +230,7 @@ def _train(config: RecognitionConfig, context: DistContext, overwrite: bool) -> 
 
     torch.manual_seed(run.seed)  # the same initial weights on every rank
     model = build_classifier(config.model).to(device)
-    parameters = count_parameters(model)
+    parameters = parameter_counts(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr,
                                  betas=config.optim.betas, weight_decay=config.optim.weight_decay)
     scaler = precision.make_scaler()
@@ -367,9 +368,8 @@ def evaluate_checkpoint(checkpoint, config: RecognitionConfig, *, split: Optiona
     own_context = context is None
     context = init_distributed(config.run.device) if own_context else context
     try:
-        if config.run.threads:
-            torch.set_num_threads(config.run.threads)
-        precision: Precision = resolve_precision(config.run.precision, context.device)
+        set_threads(config.run.threads)
+        precision = resolve_precision(config.run.precision, context.device)
         model, saved = load_classifier(checkpoint, map_location=context.device)
         model.to(context.device)
         split = split or config.data.eval_split
@@ -386,7 +386,7 @@ def evaluate_checkpoint(checkpoint, config: RecognitionConfig, *, split: Optiona
                                        device=context.device, precision=precision,
                                        distributed=context.distributed)
         summary = {"dataset": config.data.dataset, "split": split,
-                   "model": model.config.model, "parameters": count_parameters(model),
+                   "model": model.config.model, "parameters": parameter_counts(model),
                    "step": saved.get("step", saved.get("training", {}).get("step")), **summary}
         if out_dir is not None and context.is_main:
             write_report(Path(out_dir), summary, chance=1.0 / source.n_classes,

@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from ..atomic import atomic_torch_save
+from ..files import atomic_torch_save
 
 PathLike = Union[str, "os.PathLike[str]"]
 

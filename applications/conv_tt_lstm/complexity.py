@@ -21,6 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tt_conv.profile import count_parameters
 
+from .checks import check_int
+
 from .model import CELL_NAMES, ArchitectureConfig, VideoPredictionNetwork
 
 
@@ -90,8 +92,7 @@ def measure_complexity(config: ArchitectureConfig, *, input_frames: int = 10,
     """
     for name, value in (("input_frames", input_frames), ("future_frames", future_frames),
                         ("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value)
     model = VideoPredictionNetwork(config, device=device)
     frames = torch.zeros(1, input_frames, config.image_channels, height, width, device=device)
     with FlopCounterMode(display=False) as counter:

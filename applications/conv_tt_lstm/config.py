@@ -24,6 +24,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Tuple
 
+from .checks import check_int
+
 from .model import ArchitectureConfig
 
 #: Datasets ``train`` knows.
@@ -273,11 +275,6 @@ class TrainConfig(SectionedConfig):
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 

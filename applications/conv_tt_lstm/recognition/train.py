@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..files import atomic_torch_save, write_json_atomic, write_text_atomic
+from ..data.factory import ClipSource, build_clip_source
 from ..evaluation import evaluation_loader
 from ..training import checkpoints as ckpt
 from ..training.checkpoints import RunExistsError  # noqa: F401  (raised by train_recognizer())
@@ -41,7 +42,6 @@ from ..training.logging import RunLogger
 from ..training.loop import NonFiniteLossError, optimizer_step
 from ..precision import resolve_precision
 from .config import RecognitionConfig, RecognitionOptimConfig
-from .datasets import ClipSource, build_clip_source
 from .evaluate import accuracy_by_fraction, accuracy_table, plot_accuracy_by_fraction
 from ..complexity import parameter_counts
 from .model import ClassifierConfig, build_classifier

@@ -373,6 +373,9 @@ def parse_value(text: str, current: Any, where: str) -> Any:
         parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
         element = current[0] if current else 0
         return tuple(parse_value(p, element, where) for p in parts)
+    if isinstance(current, int) and "," in text:
+        # A field that also takes one int per item (model.layers_per_block=2,1,1,2).
+        return tuple(parse_value(p, current, where) for p in text.split(",") if p.strip())
     if isinstance(current, int):
         try:
             return int(text)

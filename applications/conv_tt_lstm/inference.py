@@ -1,7 +1,7 @@
 """Inference helpers: load any checkpoint, read a user's frames, fit them to the model, predict.
 
-* :func:`load_model`: our checkpoints (:func:`~.model.save_checkpoint`) and the paper
-  release's (:func:`~.model.load_nvlabs_checkpoint`), told apart by their content.
+* :func:`load_model`: our checkpoints (:func:`~.checkpoint.save_checkpoint`) and the paper
+  release's (:func:`~.nvlabs.load_nvlabs_checkpoint`), told apart by their content.
 * :func:`read_input_frames`: a user's ``.npz`` / ``.npy`` or folder of frame images as float
   ``[N, T, C, H, W]`` in ``[0, 1]``.
 * :func:`fit_frames`: converts channels (RGB <-> gray) and resizes to what the model takes,
@@ -24,14 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import (
-    CHECKPOINT_FORMAT,
-    ArchitectureConfig,
-    CheckpointError,
-    VideoPredictionNetwork,
-    load_checkpoint,
-    load_nvlabs_checkpoint,
+from .checkpoint import (
+    CHECKPOINT_FORMAT, RESERVED_KEYS, CheckpointError, load_checkpoint, read_file,
 )
+from .model import ArchitectureConfig, VideoPredictionNetwork
+from .nvlabs import load_nvlabs_checkpoint
 from tt_conv.profile import count_parameters
 
 from .files import atomic_path, write_json_atomic
@@ -68,7 +65,7 @@ def load_model(
     Parameters
     ----------
     path : str or os.PathLike
-        A ``torch.save`` file: our format (``format`` = :data:`~.model.CHECKPOINT_FORMAT`) or
+        A ``torch.save`` file: our format (``format`` = :data:`~.checkpoint.CHECKPOINT_FORMAT`) or
         the release's state dict (optionally under ``model_state_dict``).
     device : str or torch.device
         Where the model goes.
@@ -88,14 +85,7 @@ def load_model(
         Missing or unreadable file, or weights that fit no architecture.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
-    if not isinstance(content, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(content).__name__}, not a dict")
+    content = read_file(path)
     info: Dict[str, Any] = {"checkpoint": str(path)}
     if content.get("format") == CHECKPOINT_FORMAT:
         if output_sigmoid is not None:
@@ -106,7 +96,7 @@ def load_model(
         model, checkpoint = load_checkpoint(content)
         info["layout"] = "tt-conv"
         for key, value in checkpoint.items():
-            if key not in ("format", "version", "architecture", "state_dict") and _plain(value):
+            if key not in RESERVED_KEYS and _plain(value):
                 info[key] = value
     else:
         arch = {} if output_sigmoid is None else {"output_sigmoid": bool(output_sigmoid)}

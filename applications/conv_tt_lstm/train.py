@@ -36,7 +36,8 @@ from .evaluation import (
     evaluate, evaluation_loader, first_batch_predictions, write_evaluation,
 )
 from .metrics import FrameMetrics
-from .model import VideoPredictionNetwork, checkpoint_dict
+from .checkpoint import checkpoint_dict
+from .model import VideoPredictionNetwork
 from .training import checkpoints as ckpt
 from .training.checkpoints import RunExistsError  # noqa: F401  (raised by train())
 from .training.distributed import (

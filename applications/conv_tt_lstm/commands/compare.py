@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     arch = parser.add_argument_group("architecture (default: the paper's)")
     arch.add_argument("--hidden-channels", type=int, nargs="+", default=[32, 48, 48, 32],
                       metavar="H", help="hidden channels per block (default: 32 48 48 32)")
-    arch.add_argument("--layers-per-block", type=int, default=3)
+    arch.add_argument("--layers-per-block", type=int, nargs="+", default=[3], metavar="N",
+                      help="cells per block: one count for every block, or one per block "
+                           "(default: 3)")
     arch.add_argument("--skip-stride", type=int, default=2, help="0: no skip connections")
     arch.add_argument("--kernel-size", type=int, default=5)
     arch.add_argument("--order", type=int, default=3)
@@ -68,7 +70,8 @@ def run(args) -> int:
         config = ArchitectureConfig(
             cell=args.cells[0], image_channels=args.image_channels,
             hidden_channels=tuple(args.hidden_channels),
-            layers_per_block=args.layers_per_block, skip_stride=args.skip_stride,
+            layers_per_block=tuple(args.layers_per_block) if len(args.layers_per_block) > 1
+            else args.layers_per_block[0], skip_stride=args.skip_stride,
             kernel_size=args.kernel_size, order=args.order, steps=args.steps,
             rank=args.rank, patch_size=args.patch_size)
         results = compare_cells(config, args.cells, backward=not args.no_backward,

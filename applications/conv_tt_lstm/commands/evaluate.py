@@ -78,7 +78,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model import CheckpointError
+    from ..checkpoint import CheckpointError
     from ..data.factory import DatasetSpec
     from ..data.sequence_files import DatasetFileError
     from ..evaluation import comparison_table

@@ -57,7 +57,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..inference import predict_file
-    from ..model import CheckpointError
+    from ..checkpoint import CheckpointError
 
     try:
         result = predict_file(

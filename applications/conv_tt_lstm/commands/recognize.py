@@ -116,14 +116,15 @@ def resolve_config(args: argparse.Namespace, base=None):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError
     from ..data.sequence_files import DatasetFileError
     from ..data.video import VideoDecodeError
     from ..training.checkpoints import ResumeError
     from ..training.loop import NonFiniteLossError
     from ..precision import PrecisionError
 
-    failures = (FileNotFoundError, DatasetFileError, PrecisionError, ResumeError,
-                VideoDecodeError, ValueError)
+    failures = (CheckpointError, FileNotFoundError, DatasetFileError, PrecisionError,
+                ResumeError, VideoDecodeError, ValueError)
     if args.action == "evaluate":
         return _evaluate(args, failures)
     config = resolve_config(args)

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..data.sequence_files import DatasetFileError
-    from ..model import CheckpointError
+    from ..checkpoint import CheckpointError
     from ..train import improvement_table, train
     from ..training.checkpoints import ResumeError
     from ..training.loop import NonFiniteLossError

@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +44,9 @@ from ..precision import resolve_precision
 from .config import RecognitionConfig, RecognitionOptimConfig
 from .evaluate import accuracy_by_fraction, accuracy_table, plot_accuracy_by_fraction
 from ..complexity import parameter_counts
-from .model import ClassifierConfig, build_classifier
+from ..checkpoint import model_checkpoint
+from .model import CHECKPOINT_FORMAT, build_classifier, load_classifier
 
-#: ``format`` of our recognition checkpoints.
-CHECKPOINT_FORMAT = "tt-conv/recognition-classifier"
-CHECKPOINT_VERSION = 1
 FAILURE_LOG = "ssv2-failures.jsonl"
 
 
@@ -84,38 +82,6 @@ def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
         weights = torch.ones(steps, device=logits.device, dtype=per_step.dtype)
     weights[-1] = weights[-1] * optim.last_weight
     return (per_step * weights).sum() / weights.sum()
-
-
-def checkpoint_dict(model: torch.nn.Module, config: ClassifierConfig, **extra) -> Dict:
-    """Our recognition checkpoint: format tag, architecture, state dict and ``extra``."""
-    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "architecture": config.to_dict(),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            **extra}
-
-
-def load_classifier(path, map_location="cpu") -> Tuple[torch.nn.Module, Dict]:
-    """Rebuild a classifier from one of our checkpoints (``last.pt`` or ``best.pt``).
-
-    Raises
-    ------
-    ResumeError
-        If the file is missing, unreadable or not a recognition checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ckpt.ResumeError(f"checkpoint not found: {path}")
-    try:
-        saved = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
-        raise ckpt.ResumeError(f"cannot read checkpoint {path}: {error}") from None
-    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
-        raise ckpt.ResumeError(f"{path} is not a recognition checkpoint (format "
-                               f"{saved.get('format') if isinstance(saved, dict) else None!r}, "
-                               f"expected {CHECKPOINT_FORMAT!r})")
-    model = build_classifier(ClassifierConfig.from_dict(saved["architecture"]))
-    model.load_state_dict(saved["state_dict"])
-    return model, saved
 
 
 class ClipBatches:
@@ -263,7 +229,7 @@ def _train(config: RecognitionConfig, context: DistContext, overwrite: bool) -> 
         if context.is_main:
             training = ckpt.training_state(at_step, stateful,
                                            extra={"best_top1": best, "config": config.to_dict()})
-            ckpt.save_training_checkpoint(last_path, checkpoint_dict(model, config.model),
+            ckpt.save_training_checkpoint(last_path, model_checkpoint(CHECKPOINT_FORMAT, config.model.to_dict(), model),
                                           training)
         barrier(context)
 
@@ -277,7 +243,7 @@ def _train(config: RecognitionConfig, context: DistContext, overwrite: bool) -> 
         if top1 > best:
             best = top1
             if context.is_main:
-                atomic_torch_save(checkpoint_dict(model, config.model, step=at_step,
+                atomic_torch_save(model_checkpoint(CHECKPOINT_FORMAT, config.model.to_dict(), model, step=at_step,
                                                   top1=top1),
                                   ckpt.checkpoint_dir(run_dir) / ckpt.BEST)
 

@@ -22,10 +22,12 @@ with each run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import ClassVar, Dict, Tuple
 
-# apply_overrides is shared with the training configuration and re-exported here.
-from ..config import SectionedConfig, apply_overrides, check_int  # noqa: F401
+from ..checks import check_int
+from ..training.config import (  # noqa: F401  (apply_overrides: re-exported)
+    BaseOptimConfig, BaseRunConfig, SectionedConfig, apply_overrides,
+)
 from ..data.factory import CLIP_SPLITS, ClipSpec
 from .model import ClassifierConfig
 
@@ -33,7 +35,6 @@ from .model import ClassifierConfig
 DATASETS = tuple(CLIP_SPLITS)
 #: Which steps the training loss covers, and how they are weighted.
 LOSSES = ("all", "ramp", "last")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ class RecognitionDataConfig(ClipSpec):
 
 
 @dataclass(frozen=True)
-class RecognitionOptimConfig:
-    """Adam and the loss.
+class RecognitionOptimConfig(BaseOptimConfig):
+    """Adam (:class:`~..training.config.BaseOptimConfig`) and the loss.
 
     ``loss="all"``: cross-entropy of the clip's label at every step, averaged (``"last"``:
     only at the last step). Every step's logits are a prediction from a prefix, which is what
@@ -77,22 +78,12 @@ class RecognitionOptimConfig:
     weight (``"all"`` and ``"ramp"``; 1: no extra weight).
     """
 
-    lr: float = 1e-3
-    betas: Tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
     clip_grad_norm: float = 1.0
     loss: str = "all"
     last_weight: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
-        for name in ("weight_decay", "clip_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
+        super().__post_init__()
         if self.loss not in LOSSES:
             raise ValueError(f"optim.loss must be one of {LOSSES}, got {self.loss!r}")
         if not self.last_weight > 0:
@@ -100,8 +91,9 @@ class RecognitionOptimConfig:
 
 
 @dataclass(frozen=True)
-class RecognitionRunConfig:
-    """Length, precision, device, cadence, evaluation fractions, run folder.
+class RecognitionRunConfig(BaseRunConfig):
+    """How a recognition run goes (:class:`~..training.config.BaseRunConfig`'s fields and the
+    task's own).
 
     ``fractions``: shares of each clip shown to the model when it is scored (the first
     ``max(1, floor(f * T))`` frames). ``cosine``: cosine learning-rate decay to 5 % of
@@ -110,30 +102,14 @@ class RecognitionRunConfig:
     """
 
     name: str = "recognize"
-    runs_dir: str = "runs"
-    steps: int = 1000
-    precision: str = "fp32"
-    device: str = "auto"
-    seed: int = 0
-    log_every: int = 10
     val_every: int = 250
     checkpoint_every: int = 250
     val_batch_size: int = 64
     fractions: Tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     cosine: bool = True
-    threads: int = 0
-    progress: bool = True
-    resume: Optional[str] = None
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
-        check_int("run.steps", self.steps, 1)
-        for name in ("log_every", "val_every", "checkpoint_every", "threads"):
-            check_int(f"run.{name}", getattr(self, name), 0)
-        check_int("run.val_batch_size", self.val_batch_size, 1)
+        super().__post_init__()
         fractions = tuple(float(f) for f in self.fractions)
         if not fractions or not all(0 < f <= 1 for f in fractions):
             raise ValueError(f"run.fractions must be numbers in (0, 1], got {self.fractions!r}")

@@ -19,9 +19,8 @@ from applications.conv_tt_lstm.data.walls import (
     N_CLASSES, WallTouchFixed, WallTouchStream, generate_wall_clip, shrink_digits,
 )
 from applications.conv_tt_lstm.recognition.config import RecognitionOptimConfig
-from applications.conv_tt_lstm.recognition.train import (
-    load_classifier, sequence_cross_entropy, train_recognizer,
-)
+from applications.conv_tt_lstm.recognition.model import load_classifier
+from applications.conv_tt_lstm.recognition.task import sequence_cross_entropy, train_recognizer
 from _video_files import level_frames, write_video
 
 SQUARES = np.full((3, 6, 6), 255, np.uint8)  # the digit's box is all ink: walls are visible

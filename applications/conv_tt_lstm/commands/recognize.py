@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     from ..recognition.evaluate import accuracy_table
-    from ..recognition.train import train_recognizer
+    from ..recognition.task import train_recognizer
 
     try:
         result = train_recognizer(config, overwrite=args.overwrite)
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace, failures) -> int:
     from ..recognition.config import RecognitionConfig
     from ..recognition.evaluate import accuracy_table
-    from ..recognition.train import evaluate_checkpoint
+    from ..recognition.task import evaluate_checkpoint
 
     if args.run is None and args.checkpoint is None:
         raise CommandError("recognize evaluate needs --run RUN_DIR or --checkpoint FILE")

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.sequence_files import DatasetFileError
     from ..checkpoint import CheckpointError
-    from ..train import improvement_table, train
+    from ..prediction import improvement_table, train
     from ..training.checkpoints import ResumeError
     from ..training.loop import NonFiniteLossError
     from ..precision import PrecisionError

@@ -8,8 +8,9 @@
   (:mod:`~..data.walls`, built from the Moving MNIST generator, whose label is decided
   only by watching the whole clip), KTH actions and Something-Something V2.
 * :mod:`.evaluate`: top-1 / top-5 accuracy by fraction seen, markdown table, PNG.
-* :mod:`.train`: :func:`train_recognizer` and :func:`evaluate_checkpoint` on the shared
-  training engine (:mod:`applications.conv_tt_lstm.training`).
+* :mod:`.task`: the task plugged into the training skeleton
+  (:mod:`applications.conv_tt_lstm.training.skeleton`): :func:`train_recognizer`, and
+  :func:`evaluate_checkpoint` for a saved classifier.
 
 Command line: ``python -m applications.conv_tt_lstm recognize --preset quick`` (and
 ``recognize evaluate --run runs/recognize-quick``).
@@ -18,24 +19,13 @@ Command line: ``python -m applications.conv_tt_lstm recognize --preset quick`` (
 from .config import PRESETS, RecognitionConfig, apply_overrides, preset
 from .evaluate import accuracy_by_fraction, accuracy_table, frames_seen, plot_accuracy_by_fraction
 from .model import (
-    ClassifierConfig, Conv3dClassifier, RecurrentClassifier, build_classifier,
+    ClassifierConfig, Conv3dClassifier, RecurrentClassifier, build_classifier, load_classifier,
 )
-
-_TRAINING = ("evaluate_checkpoint", "load_classifier", "train_recognizer")
-
-
-def __getattr__(name):
-    # The training module pulls in the engine and evaluation code: imported on first use,
-    # so that ``python -m applications.conv_tt_lstm --help`` stays fast.
-    if name in _TRAINING:
-        from . import train
-
-        return getattr(train, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+from .task import RecognitionTask, evaluate_checkpoint, train_recognizer
 
 __all__ = [
     "PRESETS", "RecognitionConfig", "apply_overrides", "preset",
     "accuracy_by_fraction", "accuracy_table", "frames_seen", "plot_accuracy_by_fraction",
     "ClassifierConfig", "Conv3dClassifier", "RecurrentClassifier", "build_classifier",
-    "evaluate_checkpoint", "load_classifier", "train_recognizer",
+    "RecognitionTask", "evaluate_checkpoint", "load_classifier", "train_recognizer",
 ]

@@ -22,7 +22,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from tt_conv.profile import count_parameters
 
 from .checks import check_int
-
 from .model import CELL_NAMES, ArchitectureConfig, VideoPredictionNetwork
 
 

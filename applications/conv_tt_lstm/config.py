@@ -23,10 +23,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Tuple
 
-from .checks import check_int
+from .checks import check_choice, check_int
 from .model import ArchitectureConfig
 from .training.config import (  # noqa: F401  (apply_overrides: re-exported for the presets)
-    BaseOptimConfig, BaseRunConfig, SectionedConfig, apply_overrides,
+    BaseOptimConfig,
+    BaseRunConfig,
+    SectionedConfig,
+    apply_overrides,
 )
 from .training.schedules import ScheduleConfig
 
@@ -84,8 +87,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.dataset!r}")
+        check_choice("data.dataset", self.dataset, DATASETS)
         object.__setattr__(self, "kth_val_persons", tuple(self.kth_val_persons))
         for name in ("input_frames", "future_frames", "batch_size", "samples_per_epoch",
                      "val_sequences", "n_digits"):

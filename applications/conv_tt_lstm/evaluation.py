@@ -26,7 +26,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from .checks import check_int
-
 from .files import write_json_atomic, write_text_atomic
 from .metrics import FrameMetrics, MetricAccumulator, markdown_table
 from .plots import plot_metric_curves, save_prediction_gif, save_prediction_grid
@@ -240,25 +239,13 @@ def evaluate(
     return summaries if trivial else summaries["model"]
 
 
-def trivial_predictor_summaries(
-    loader,
-    *,
-    input_frames: int,
-    future_frames: int,
-    metrics: FrameMetrics,
-    device: DeviceLike = "cpu",
-    max_batches: Optional[int] = None,
-    progress: bool = False,
-    **extra,
-) -> Dict[str, Dict[str, object]]:
+def trivial_predictor_summaries(loader, **options) -> Dict[str, Dict[str, object]]:
     """``{"last_frame": summary, "black_frame": summary}`` over ``loader``.
 
-    Parameters as in :func:`evaluate_predictors`.
+    ``options`` as in :func:`evaluate_predictors` (``input_frames``, ``future_frames`` and
+    ``metrics`` are required).
     """
-    return evaluate_predictors(
-        TRIVIAL_PREDICTORS, loader, input_frames=input_frames, future_frames=future_frames,
-        metrics=metrics, device=device, max_batches=max_batches, progress=progress, **extra,
-    )
+    return evaluate_predictors(TRIVIAL_PREDICTORS, loader, **options)
 
 
 def first_batch_predictions(

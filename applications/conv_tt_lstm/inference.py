@@ -16,22 +16,26 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (
-    CHECKPOINT_FORMAT, RESERVED_KEYS, CheckpointError, load_checkpoint, read_file,
-)
-from .model import ArchitectureConfig, VideoPredictionNetwork
-from .nvlabs import load_nvlabs_checkpoint
 from tt_conv.profile import count_parameters
 
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    RESERVED_KEYS,
+    CheckpointError,
+    load_checkpoint,
+    read_file,
+)
 from .files import atomic_path, write_json_atomic
+from .model import ArchitectureConfig, VideoPredictionNetwork
+from .nvlabs import load_nvlabs_checkpoint
 from .plots import save_prediction_gif, save_prediction_grid, save_sequence_figures
 from .precision import resolve_precision
 from .training.distributed import choose_device

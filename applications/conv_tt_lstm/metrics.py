@@ -41,6 +41,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .checks import check_choice
 from .files import write_json_atomic, write_text_atomic
 
 #: Names of the per-frame metrics, in the order tables list them.
@@ -159,8 +160,7 @@ def lpips_backbone_file(net: str = "alex") -> Path:
     ``torch.hub.get_dir()/checkpoints/<file name of the weights URL>``; the hub folder is
     ``$TORCH_HOME/hub`` (default ``~/.cache/torch/hub``).
     """
-    if net not in LPIPS_BACKBONE_WEIGHTS:
-        raise ValueError(f"net must be one of {sorted(LPIPS_BACKBONE_WEIGHTS)}, got {net!r}")
+    check_choice("net", net, sorted(LPIPS_BACKBONE_WEIGHTS))
     url = LPIPS_BACKBONE_WEIGHTS[net]
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 

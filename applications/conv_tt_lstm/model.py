@@ -31,7 +31,7 @@ from tt_conv.recurrent import (
     LSTMState,
 )
 
-from .checks import check_int, check_positive_ints
+from .checks import check_choice, check_int, check_positive_ints, from_fields, plain_fields
 
 #: Cell names accepted by :attr:`ArchitectureConfig.cell`.
 CELL_TYPES = ("convlstm", "hoconvlstm", "convttlstm")
@@ -104,7 +104,7 @@ class ArchitectureConfig:
     hidden_channels: Tuple[int, ...] = (32, 48, 48, 32)
     layers_per_block: Union[int, Tuple[int, ...]] = 3
     skip_stride: int = 2
-    kernel_size: KernelSize = 5
+    kernel_size: Union[int, Tuple[int, int]] = 5
     order: int = 3
     steps: int = 3
     rank: int = 8
@@ -112,8 +112,7 @@ class ArchitectureConfig:
     patch_size: int = 1
 
     def __post_init__(self):
-        if self.cell not in CELL_TYPES:
-            raise ValueError(f"cell must be one of {CELL_TYPES}, got {self.cell!r}")
+        check_choice("cell", self.cell, CELL_TYPES)
         hidden = check_positive_ints("hidden_channels", self.hidden_channels)
         object.__setattr__(self, "hidden_channels", hidden)
         object.__setattr__(self, "layers_per_block",
@@ -153,20 +152,11 @@ class ArchitectureConfig:
         return channels
 
     def to_dict(self) -> Dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for name, value in out.items():
-            if isinstance(value, tuple):
-                out[name] = list(value)
-        return out
+        return plain_fields(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ArchitectureConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown architecture field(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**dict(values))
+        return from_fields(cls, values, "architecture")
 
     def replace(self, **changes) -> "ArchitectureConfig":
         return dataclasses.replace(self, **changes)

@@ -131,7 +131,8 @@ class PredictionTask(Task):
         self.metrics = FrameMetrics.create(context.device, lpips=False)
 
     def build_model(self) -> nn.Module:
-        return VideoPredictionNetwork(self.config.model, channels_last=self.config.run.channels_last)
+        return VideoPredictionNetwork(self.config.model,
+                                      channels_last=self.config.run.channels_last)
 
     def build_schedule(self) -> TrainingSchedule:
         optim = self.config.optim
@@ -217,14 +218,7 @@ def train(config: TrainConfig, *, overwrite: bool = False,
         Everything (see :mod:`applications.conv_tt_lstm.config`); ``config.run.resume``
         ``"auto"`` continues from the run's ``checkpoints/last.pt`` when there is one.
     overwrite, context
-        As in :func:`~.training.skeleton.train_task`.
-
-    Raises
-    ------
-    NonFiniteLossError
-        The loss became NaN/inf; the last checkpoint written before is intact.
-    RunExistsError, ResumeError, PrecisionError, FileNotFoundError, DatasetFileError, ValueError
-        Bad input, each naming what to change.
+        As in :func:`~.training.skeleton.train_task`, which also lists what it raises.
     """
     result = train_task(PredictionTask(config), overwrite=overwrite, context=context)
     return TrainResult(result.run_dir, result.step, result.seconds, result.final.summary,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import CommandError
+from ..cli import CommandError, input_errors
 from .prepare import positive
 
 
@@ -78,9 +78,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError
     from ..data.factory import DatasetSpec
-    from ..data.sequence_files import DatasetFileError
     from ..evaluation import comparison_table
     from ..prediction import evaluate_checkpoint
 
@@ -97,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             max_batches=args.max_batches, release_output_sigmoid=args.release_output_sigmoid,
             ssim_data_range=args.ssim_data_range, lpips=args.lpips,
             figure_samples=args.figure_samples, progress=not args.no_progress)
-    except (CheckpointError, FileNotFoundError, DatasetFileError, ValueError) as error:
+    except input_errors() as error:
         raise CommandError(str(error)) from None
     if result.rank == 0:
         for note in result.notes:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import CommandError
+from ..cli import CommandError, input_errors
 from .prepare import positive
 
 
@@ -57,7 +57,6 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..inference import predict_file
-    from ..checkpoint import CheckpointError
 
     try:
         result = predict_file(
@@ -67,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             release_output_sigmoid=args.release_output_sigmoid,
             figure_samples=args.figure_samples, frame_pngs=not args.no_frame_pngs,
             progress=not args.no_progress)
-    except (CheckpointError, ValueError) as error:
+    except input_errors() as error:
         raise CommandError(str(error)) from None
     print(f"predicted {result.future_frames} frame(s) after {result.input_frames} for "
           f"{result.sequences} sequence(s) of {result.frame_shape}")

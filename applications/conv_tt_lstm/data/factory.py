@@ -56,18 +56,17 @@ import functools
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Literal, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset, Subset
 
-from ..checks import check_int
+from ..checks import check_choice, check_int
 from .kth import KTH_ACTIONS, KTHActions
-from .walls import N_CLASSES, WallTouchFixed, WallTouchStream, class_name, shrink_digits
-
 from .mnist_digits import DigitSet, load_digits
 from .sequence_files import DatasetFileError, SequenceFileDataset
 from .ssv2 import SomethingSomethingV2
+from .walls import N_CLASSES, WallTouchFixed, WallTouchStream, class_name, shrink_digits
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -133,8 +132,7 @@ class DatasetSpec:
     kth_strides: Optional[Union[int, Mapping[str, int]]] = None
 
     def __post_init__(self) -> None:
-        if self.name not in DATASET_NAMES:
-            raise ValueError(f"dataset name must be one of {DATASET_NAMES}, got {self.name!r}")
+        check_choice("dataset name", self.name, DATASET_NAMES)
         for attribute in ("input_frames", "future_frames", "digits"):
             check_int(attribute, getattr(self, attribute))
         if self.image_size is not None:
@@ -219,8 +217,7 @@ def build_video_dataset(
     """
     if not isinstance(spec, DatasetSpec):
         raise TypeError(f"spec must be a DatasetSpec, got {type(spec).__name__}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_choice("split", split, SPLITS)
     if spec.name == "moving-mnist":
         if spec.data_root is None:
             return _generated_moving_mnist(spec, split, epoch, rank, world_size)
@@ -383,18 +380,18 @@ class ClipSpec:
         Synthetic: random direction changes per clip.
     clips_per_epoch : int
         Synthetic: generated training clips per epoch.
+    color : {"rgb", "gray"}
+        SSV2 colour.
     val_clips : int
         Synthetic: fixed validation / test clips. KTH / SSV2: at most this many evaluation
         clips (an evenly spaced subset; 0: all).
-    color : {"rgb", "gray"}
-        SSV2 colour.
     kth_stride : int
         KTH: window stride for every action (0: the dataset's per-action defaults).
     seed : int
         Seed of the data streams and fixed sets.
     """
 
-    dataset: str = "synthetic"
+    dataset: Literal["synthetic", "kth", "ssv2"] = "synthetic"
     root: Optional[str] = None
     mnist_dir: Optional[str] = None
     n_frames: int = 16
@@ -402,15 +399,13 @@ class ClipSpec:
     digit_scale: int = 1
     n_turns: int = 1
     clips_per_epoch: int = 10000
+    color: Literal["rgb", "gray"] = "rgb"
     val_clips: int = 1000
-    color: str = "rgb"
     kth_stride: int = 0
     seed: int = 0
 
     def __post_init__(self):
-        if self.dataset not in CLIP_SPLITS:
-            raise ValueError(f"data.dataset must be one of {tuple(CLIP_SPLITS)}, "
-                             f"got {self.dataset!r}")
+        check_choice("data.dataset", self.dataset, CLIP_SPLITS)
         if self.dataset in ("kth", "ssv2") and not self.root:
             raise ValueError(f"data.root is required for dataset {self.dataset!r} (--data-root)")
         check_int("data.n_frames", self.n_frames, 2)
@@ -463,8 +458,7 @@ def build_clip_source(spec: ClipSpec, split: str, *, epoch: int = 0, rank: int =
         Missing or malformed data, naming the file.
     """
     known = ("train",) + CLIP_SPLITS[spec.dataset]
-    if split not in known:
-        raise ValueError(f"split of {spec.dataset} must be one of {known}, got {split!r}")
+    check_choice(f"split of {spec.dataset}", split, known)
     if spec.dataset == "synthetic":
         digits = _clip_digits(spec)
         common = dict(seed=spec.seed, n_frames=spec.n_frames, n_turns=spec.n_turns,

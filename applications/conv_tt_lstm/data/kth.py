@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .sequence_files import DatasetFileError, frames_to_tensor
+from ..checks import check_choice
+from .sequence_files import DatasetFileError, frames_to_tensor, read_npy_header
 from .video import (
     RESAMPLE_FILTERS,
     VideoDecodeError,
@@ -260,12 +261,7 @@ def read_npy_shape(path: PathLike) -> Optional[Tuple[int, ...]]:
     path = Path(path)
     try:
         with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-            offset = handle.tell()
+            shape, fortran, dtype, offset = read_npy_header(handle)
         size = path.stat().st_size
     except (OSError, ValueError, EOFError):
         return None
@@ -370,8 +366,7 @@ def prepare_kth(
     from ..files import write_json_atomic
 
     target_size = parse_size(size)
-    if resample not in RESAMPLE_FILTERS:
-        raise ValueError(f"resample must be one of {RESAMPLE_FILTERS}, got {resample!r}")
+    check_choice("resample", resample, RESAMPLE_FILTERS)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     raw, out = Path(raw), Path(out)

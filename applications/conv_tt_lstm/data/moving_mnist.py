@@ -33,7 +33,6 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..checks import check_int
-
 from .mnist_digits import DigitSet
 from .sequence_files import frames_to_tensor
 

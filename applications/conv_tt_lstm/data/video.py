@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..checks import check_int
+from ..checks import check_choice, check_int
 
 PathLike = Union[str, "os.PathLike[str]"]
 SizeArg = Union[int, Tuple[int, int], Sequence[int]]
@@ -83,16 +83,14 @@ def parse_size(size: Optional[SizeArg], name: str = "size") -> Optional[Tuple[in
 
 
 def _check_color(color: str) -> str:
-    if color not in COLORS:
-        raise ValueError(f"color must be one of {sorted(COLORS)}, got {color!r}")
+    check_choice("color", color, sorted(COLORS))
     return color
 
 
 def _pillow_filter(resample: str):
     from PIL import Image
 
-    if resample not in RESAMPLE_FILTERS:
-        raise ValueError(f"resample must be one of {RESAMPLE_FILTERS}, got {resample!r}")
+    check_choice("resample", resample, RESAMPLE_FILTERS)
     return getattr(Image.Resampling, resample.upper())
 
 
@@ -329,7 +327,7 @@ def read_frame_folder(
     Returns
     -------
     numpy.ndarray
-        uint8 ``(T, H, W)`` or ``(T, H, W, 3)``.
+        The frames, as :func:`read_video` returns them.
 
     Raises
     ------

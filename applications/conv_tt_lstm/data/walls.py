@@ -40,7 +40,11 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .mnist_digits import DigitSet
 from .moving_mnist import (
-    bounce_trajectory, check_digits, pixel_offsets, render, sequence_rng,
+    bounce_trajectory,
+    check_digits,
+    pixel_offsets,
+    render,
+    sequence_rng,
 )
 from .sequence_files import frames_to_tensor
 

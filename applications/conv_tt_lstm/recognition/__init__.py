@@ -19,7 +19,11 @@ Command line: ``python -m applications.conv_tt_lstm recognize --preset quick`` (
 from .config import PRESETS, RecognitionConfig, apply_overrides, preset
 from .evaluate import accuracy_by_fraction, accuracy_table, frames_seen, plot_accuracy_by_fraction
 from .model import (
-    ClassifierConfig, Conv3dClassifier, RecurrentClassifier, build_classifier, load_classifier,
+    ClassifierConfig,
+    Conv3dClassifier,
+    RecurrentClassifier,
+    build_classifier,
+    load_classifier,
 )
 from .task import RecognitionTask, evaluate_checkpoint, train_recognizer
 

@@ -24,11 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Tuple
 
-from ..checks import check_int
-from ..training.config import (  # noqa: F401  (apply_overrides: re-exported)
-    BaseOptimConfig, BaseRunConfig, SectionedConfig, apply_overrides,
-)
+from ..checks import check_choice, check_int
 from ..data.factory import CLIP_SPLITS, ClipSpec
+from ..training.config import (  # noqa: F401  (apply_overrides: re-exported)
+    BaseOptimConfig,
+    BaseRunConfig,
+    SectionedConfig,
+    apply_overrides,
+)
 from .model import ClassifierConfig
 
 #: Datasets of ``recognize``.
@@ -84,8 +87,7 @@ class RecognitionOptimConfig(BaseOptimConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss not in LOSSES:
-            raise ValueError(f"optim.loss must be one of {LOSSES}, got {self.loss!r}")
+        check_choice("optim.loss", self.loss, LOSSES)
         if not self.last_weight > 0:
             raise ValueError(f"optim.last_weight must be > 0, got {self.last_weight!r}")
 

@@ -17,7 +17,7 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..files import atomic_path
+from ..plots import new_figure, save_figure
 from ..precision import Precision, resolve_precision
 
 PathLike = Union[str, Path]
@@ -134,14 +134,10 @@ def plot_accuracy_by_fraction(path: PathLike, runs: Mapping, title: Optional[str
     chance : float, optional
         Accuracy of guessing (drawn as a dotted line).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     runs = {"": runs} if "fractions" in runs else dict(runs)
     if not runs:
         raise ValueError("runs is empty: nothing to plot")
-    figure = Figure(figsize=(8.0, 3.4), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(8.0, 3.4)
     axes = figure.subplots(1, 2)
     k = next(iter(runs.values()))["top_k"]
     for axis, key, label in ((axes[0], "top1", "top-1 accuracy (%)"),
@@ -156,10 +152,5 @@ def plot_accuracy_by_fraction(path: PathLike, runs: Mapping, title: Optional[str
         axis.set_ylabel(label)
         axis.set_ylim(0, 100)
         axis.grid(True, alpha=0.3)
-    if any(runs) or chance is not None:
-        axes[0].legend(fontsize="small")
-    if title:
-        figure.suptitle(title)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100)
-    return Path(path)
+    legend = axes[0] if any(runs) or chance is not None else None
+    return save_figure(figure, path, title=title, legend_axis=legend)

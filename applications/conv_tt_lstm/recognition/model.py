@@ -16,7 +16,6 @@ at step ``t`` depend on frames ``0..t`` only (a test checks it).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Tuple
 
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_state, read_checkpoint
-from ..checks import check_int, check_positive_ints
+from ..checks import check_choice, check_int, check_positive_ints, from_fields, plain_fields
 from ..model import build_cell
 
 #: Model names accepted by :attr:`ClassifierConfig.model`.
@@ -77,8 +76,7 @@ class ClassifierConfig:
     temporal_kernel: int = 3
 
     def __post_init__(self):
-        if self.model not in MODEL_TYPES:
-            raise ValueError(f"model must be one of {MODEL_TYPES}, got {self.model!r}")
+        check_choice("model", self.model, MODEL_TYPES)
         object.__setattr__(self, "encoder_channels",
                            check_positive_ints("encoder_channels", self.encoder_channels))
         object.__setattr__(self, "hidden_channels",
@@ -99,19 +97,11 @@ class ClassifierConfig:
         return 2 ** len(self.encoder_channels)
 
     def to_dict(self) -> Dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["encoder_channels"] = list(self.encoder_channels)
-        out["hidden_channels"] = list(self.hidden_channels)
-        return out
+        return plain_fields(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ClassifierConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown classifier field(s) {unknown}; expected some of "
-                             f"{sorted(known)}")
-        return cls(**dict(values))
+        return from_fields(cls, values, "classifier")
 
 
 class FrameEncoder(nn.Module):

@@ -48,7 +48,8 @@ class StepBatches:
     def __init__(self, dataset_for_epoch: Callable[[int], Dataset], batch_size: int,
                  context: DistContext, *, num_workers: int = 0, seed: int = 0,
                  unit: str = "items"):
-        self.dataset_for_epoch, self.batch_size, self.context = dataset_for_epoch, batch_size, context
+        self.dataset_for_epoch = dataset_for_epoch
+        self.batch_size, self.context = batch_size, context
         self.num_workers, self.seed = num_workers, seed
         self.first = dataset_for_epoch(0)
         self.iterable = isinstance(self.first, IterableDataset)

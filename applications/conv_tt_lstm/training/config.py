@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, Iterable, Literal, Mapping, Optional, Tuple
 
-from ..checks import check_int
+from ..checks import check_choice, check_int, from_fields, plain_fields
 from ..precision import PRECISIONS
 
 
@@ -35,24 +35,24 @@ class BaseRunConfig:
         The run folder is ``runs_dir/name``.
     steps : int
         Optimiser steps.
-    precision : {"fp32", "bf16", "fp16"}
-        Autocast of the forward pass (fp16 with a gradient scaler, CUDA only).
-    device : str
-        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     seed : int
         Seed of the initial weights and of the task's own random draws.
     threads : int
         torch CPU threads (0: torch's default).
+    precision : {"fp32", "bf16", "fp16"}
+        Autocast of the forward pass (fp16 with a gradient scaler, CUDA only).
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     log_every, val_every, checkpoint_every : int
         Cadence in optimiser steps of the training log, the validation rounds (0: only
         at the end) and ``checkpoints/last.pt`` (0: only at the end).
     val_batch_size : int
         Validation batches per process.
-    progress : bool
-        Show a progress bar.
     resume : str, optional
         ``None``, ``"auto"`` (the run's ``checkpoints/last.pt`` when it exists) or a
         checkpoint path.
+    progress : bool
+        Show a progress bar.
     time_limit : float
         Stop training after this many seconds (0: no limit); the final validation and the
         outputs are still written.
@@ -63,22 +63,21 @@ class BaseRunConfig:
     name: str = "run"
     runs_dir: str = "runs"
     steps: int = 1000
-    precision: str = "fp32"
-    device: str = "auto"
     seed: int = 0
     threads: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
     log_every: int = 10
     val_every: int = 500
     checkpoint_every: int = 500
     val_batch_size: int = 32
-    progress: bool = True
     resume: Optional[str] = None
+    progress: bool = True
     time_limit: float = 0.0
     final_outputs: bool = True
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_choice("run.precision", self.precision, PRECISIONS)
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
         check_int("run.steps", self.steps, 1)
@@ -120,8 +119,7 @@ class SectionedConfig:
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:
         """Plain JSON-ready values (tuples become lists)."""
-        return json.loads(json.dumps({name: dataclasses.asdict(getattr(self, name))
-                                      for name in self.SECTIONS}))
+        return {name: plain_fields(getattr(self, name)) for name in self.SECTIONS}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Mapping[str, Any]]):
@@ -130,16 +128,8 @@ class SectionedConfig:
         if unknown:
             raise ValueError(
                 f"unknown config section(s) {unknown}; expected {sorted(cls.SECTIONS)}")
-        sections = {}
-        for name, kind in cls.SECTIONS.items():
-            given = dict(values.get(name, {}))
-            known = {f.name for f in dataclasses.fields(kind)}
-            bad = sorted(set(given) - known)
-            if bad:
-                raise ValueError(f"unknown field(s) {bad} in config section {name!r}; "
-                                 f"expected some of {sorted(known)}")
-            sections[name] = kind(**given)
-        return cls(**sections)
+        return cls(**{name: from_fields(kind, values.get(name, {}), f"config section {name!r}")
+                      for name, kind in cls.SECTIONS.items()})
 
     def replace(self, **sections):
         return dataclasses.replace(self, **sections)

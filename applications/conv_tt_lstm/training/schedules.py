@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Literal
 
-from ..checks import check_int
+from ..checks import check_choice, check_int
 
 #: Scheduled-sampling rules.
 SAMPLING_RULES = ("plateau", "linear", "none")
@@ -44,25 +44,22 @@ class ScheduleConfig:
     * ``none``: constant (after the warm-up).
     """
 
-    sampling: str = "plateau"
+    sampling: Literal["plateau", "linear", "none"] = "plateau"
     sampling_start: float = 1.0
     sampling_end: float = 0.0
     plateau_patience: int = 20
     plateau_decrement: float = 4e-3
     linear_start: int = 0
     linear_end: int = 0
-    lr_decay: str = "plateau"
+    lr_decay: Literal["plateau", "cosine", "none"] = "plateau"
     lr_decay_delay: int = 20
     lr_decay_every: int = 5
     lr_decay_factor: float = 0.98
     warmup_steps: int = 0
 
     def __post_init__(self):
-        if self.sampling not in SAMPLING_RULES:
-            raise ValueError(f"schedule.sampling must be one of {SAMPLING_RULES}, "
-                             f"got {self.sampling!r}")
-        if self.lr_decay not in LR_DECAYS:
-            raise ValueError(f"schedule.lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+        check_choice("schedule.sampling", self.sampling, SAMPLING_RULES)
+        check_choice("schedule.lr_decay", self.lr_decay, LR_DECAYS)
         for name in ("sampling_start", "sampling_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"schedule.{name} must be in [0, 1], got {getattr(self, name)!r}")

@@ -36,8 +36,14 @@ from ..precision import resolve_precision
 from . import checkpoints as ckpt
 from .batches import StepBatches
 from .distributed import (
-    DistContext, all_gather_state, barrier, broadcast_object, cleanup, init_distributed,
-    set_threads, wrap_model,
+    DistContext,
+    all_gather_state,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    set_threads,
+    wrap_model,
 )
 from .logging import RunLogger
 from .loop import NonFiniteLossError, optimizer_step

@@ -152,8 +152,6 @@ class TrainConfig(SectionedConfig):
     run: RunConfig = field(default_factory=RunConfig)
 
 
-
-
 # ---------------------------------------------------------------------------- presets
 
 

@@ -33,6 +33,7 @@ from .checkpoint import (
     load_checkpoint,
     read_file,
 )
+from .data.sequence_files import NPZ_KEY
 from .files import atomic_path, write_json_atomic
 from .model import ArchitectureConfig, VideoPredictionNetwork
 from .nvlabs import load_nvlabs_checkpoint
@@ -202,7 +203,6 @@ def _to_ntchw(array: np.ndarray, layout: str, path: Path) -> np.ndarray:
 
 def _read_array(path: Path) -> Tuple[np.ndarray, Optional[str]]:
     """The array of an .npy, or of an .npz (the release's ``data`` key, or its only array)."""
-    from .data.sequence_files import NPZ_KEY
 
     try:
         if path.suffix.lower() == ".npz" or zipfile.is_zipfile(path):

@@ -62,8 +62,9 @@ import numpy as np
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from ..checks import check_choice, check_int
-from .kth import KTH_ACTIONS, KTHActions
+from .kth import KTH_ACTIONS, KTHActions, KTHDataset
 from .mnist_digits import DigitSet, load_digits
+from .moving_mnist import SPLIT_FILES, MovingMnistFixed, MovingMnistStream, check_digits
 from .sequence_files import DatasetFileError, SequenceFileDataset
 from .ssv2 import SomethingSomethingV2
 from .walls import N_CLASSES, WallTouchFixed, WallTouchStream, class_name, shrink_digits
@@ -255,7 +256,6 @@ def load_spec_digits(spec: DatasetSpec) -> DigitSet:
 
 
 def _generated_moving_mnist(spec, split, epoch, rank, world_size) -> Dataset:
-    from .moving_mnist import MovingMnistFixed, MovingMnistStream, check_digits
 
     digits = load_spec_digits(spec)
     size = 64 if spec.image_size is None else spec.image_size
@@ -270,7 +270,6 @@ def _generated_moving_mnist(spec, split, epoch, rank, world_size) -> Dataset:
 
 
 def _moving_mnist_files(spec: DatasetSpec, split: str) -> Dataset:
-    from .moving_mnist import SPLIT_FILES
 
     root = Path(spec.data_root)
     if not root.exists():
@@ -327,7 +326,6 @@ def evenly_spaced(dataset: Dataset, length: Optional[int]) -> Dataset:
 
 
 def _kth(spec: DatasetSpec, split: str) -> Dataset:
-    from .kth import KTHDataset
 
     if spec.data_root is None:
         raise ValueError(

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..checks import check_choice
+from ..files import atomic_path, write_json_atomic
 from .sequence_files import DatasetFileError, frames_to_tensor, read_npy_header
 from .video import (
     RESAMPLE_FILTERS,
@@ -271,7 +272,6 @@ def read_npy_shape(path: PathLike) -> Optional[Tuple[int, ...]]:
 
 
 def _write_npy(path: Path, frames: np.ndarray) -> None:
-    from ..files import atomic_path
 
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         np.lib.format.write_array(handle, np.ascontiguousarray(frames), allow_pickle=False)
@@ -362,8 +362,6 @@ def prepare_kth(
         or filter (choose another folder rather than mix the two).
     """
     from tqdm.auto import tqdm
-
-    from ..files import write_json_atomic
 
     target_size = parse_size(size)
     check_choice("resample", resample, RESAMPLE_FILTERS)

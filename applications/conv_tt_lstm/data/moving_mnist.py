@@ -33,8 +33,9 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..checks import check_int
+from ..files import write_json_atomic
 from .mnist_digits import DigitSet
-from .sequence_files import frames_to_tensor
+from .sequence_files import NpzSequenceWriter, frames_to_tensor
 
 #: Distance a digit moves per frame, in units of the free range ``canvas - digit``.
 STEP = 0.1
@@ -420,9 +421,6 @@ def prepare_moving_mnist(
         The manifest written to ``moving-mnist.json``.
     """
     from tqdm.auto import tqdm
-
-    from ..files import write_json_atomic
-    from .sequence_files import NpzSequenceWriter
 
     sizes = dict({"train": 10000, "val": 3000, "test": 5000} if sizes is None else sizes)
     unknown = set(sizes) - set(SPLIT_FILES)

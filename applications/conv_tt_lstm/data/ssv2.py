@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..checks import check_choice
+from ..files import atomic_path
 from .sequence_files import DatasetFileError, frames_to_tensor
 from .video import COLORS, RESAMPLE_FILTERS, SizeArg, VideoDecodeError, parse_size, read_video
 
@@ -387,7 +388,6 @@ class SomethingSomethingV2(Dataset):
         return frames
 
     def _store(self, clip_id: str, frames: np.ndarray) -> None:
-        from ..files import atomic_path
 
         with atomic_path(self.cache_dir / f"{clip_id}.npy") as temporary, open(temporary, "wb") as handle:
             np.lib.format.write_array(handle, frames, allow_pickle=False)

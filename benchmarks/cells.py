@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     text = report(result, args)
     print(text)
     if args.json:
-        from applications.conv_tt_lstm.atomic import write_json_atomic
+        from applications.conv_tt_lstm.files import write_json_atomic
 
         result["report"] = text
         write_json_atomic(args.json, result)

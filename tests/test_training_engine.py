@@ -10,7 +10,7 @@ from applications.conv_tt_lstm.config import ScheduleConfig
 from applications.conv_tt_lstm.model import ArchitectureConfig, VideoPredictionNetwork
 from applications.conv_tt_lstm.training.checkpoints import capture_rng_state, restore_rng_state
 from applications.conv_tt_lstm.training.distributed import DistContext, ResumableDistributedSampler
-from applications.conv_tt_lstm.training.precision import PrecisionError, resolve_precision
+from applications.conv_tt_lstm.precision import PrecisionError, resolve_precision
 from applications.conv_tt_lstm.training.schedules import TrainingSchedule
 
 

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import CommandError
+from ..cli import CommandError, input_errors, run_training
 from .prepare import positive
 
 
@@ -116,30 +116,13 @@ def resolve_config(args: argparse.Namespace, base=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.sequence_files import DatasetFileError
-    from ..data.video import VideoDecodeError
-    from ..training.checkpoints import ResumeError
-    from ..training.loop import NonFiniteLossError
-    from ..training.precision import PrecisionError
-
-    failures = (FileNotFoundError, DatasetFileError, PrecisionError, ResumeError,
-                VideoDecodeError, ValueError)
     if args.action == "evaluate":
-        return _evaluate(args, failures)
-    config = resolve_config(args)
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
+        return _evaluate(args)
     from ..recognition.evaluate import accuracy_table
-    from ..recognition.train import train_recognizer
+    from ..recognition.task import train_recognizer
 
-    try:
-        result = train_recognizer(config, overwrite=args.overwrite)
-    except NonFiniteLossError as error:
-        raise CommandError(str(error)) from None
-    except failures as error:
-        raise CommandError(f"recognize: {error}") from None
-    if result.rank == 0:
+    result = run_training("recognize", train_recognizer, resolve_config(args), args)
+    if result is not None and result.rank == 0:
         print(f"\n{result.step} steps in {result.seconds:.0f} s; "
               f"{result.parameters['total']:,} parameters; run folder {result.run_dir}\n")
         print(accuracy_table(result.summary, f"{result.summary['model']} on "
@@ -149,10 +132,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, failures) -> int:
+def _evaluate(args: argparse.Namespace) -> int:
     from ..recognition.config import RecognitionConfig
     from ..recognition.evaluate import accuracy_table
-    from ..recognition.train import evaluate_checkpoint
+    from ..recognition.task import evaluate_checkpoint
 
     if args.run is None and args.checkpoint is None:
         raise CommandError("recognize evaluate needs --run RUN_DIR or --checkpoint FILE")
@@ -172,7 +155,7 @@ def _evaluate(args: argparse.Namespace, failures) -> int:
         checkpoint = best if best.is_file() else run_dir / "checkpoints" / "last.pt"
     try:
         summary = evaluate_checkpoint(checkpoint, config, split=args.split, out_dir=run_dir)
-    except failures as error:
+    except input_errors() as error:
         raise CommandError(f"recognize evaluate: {error}") from None
     print(accuracy_table(summary, f"{summary['model']} on {summary['dataset']} "
                                   f"{summary['split']} ({checkpoint})"))

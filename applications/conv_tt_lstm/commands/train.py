@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import CommandError
+from ..cli import CommandError, run_training
 from .prepare import positive
 
 #: ``--model`` names and the cell each builds.
@@ -86,27 +86,10 @@ def resolve_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
+    from ..prediction import improvement_table, train
 
-    from ..data.sequence_files import DatasetFileError
-    from ..model import CheckpointError
-    from ..train import improvement_table, train
-    from ..training.checkpoints import ResumeError
-    from ..training.loop import NonFiniteLossError
-    from ..training.precision import PrecisionError
-
-    config = resolve_config(args)
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
-    try:
-        result = train(config, overwrite=args.overwrite)
-    except NonFiniteLossError as error:
-        raise CommandError(str(error)) from None
-    except (FileNotFoundError, DatasetFileError, PrecisionError, ResumeError, CheckpointError,
-            ValueError) as error:
-        raise CommandError(f"train: {error}") from None
-    if result.rank == 0:
+    result = run_training("train", train, resolve_config(args), args)
+    if result is not None and result.rank == 0:
         print(f"\n{result.step} steps in {result.seconds:.0f} s; run folder {result.run_dir}\n")
         print(improvement_table(result.summaries))
         sys.stdout.flush()

@@ -4,17 +4,24 @@
 with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set;
 :func:`init_distributed` reads them, joins the process group (NCCL on CUDA, gloo on CPU) and
 picks the device. A plain ``python -m ...`` run is a world of one and needs no process group.
+
+The one place that turns a ``--device`` argument into a device (:func:`choose_device`), sets
+the CPU thread count (:func:`set_threads`) and wraps a model for several processes
+(:func:`wrap_model`); training, evaluation and prediction all go through them.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
+
+from ..files import load_tensors
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,12 @@ def choose_device(device: str, local_rank: int = 0) -> torch.device:
         if chosen.index is None:
             chosen = torch.device(f"cuda:{local_rank}")
     return chosen
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads for torch's operators (0: leave torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistContext:
@@ -117,6 +130,21 @@ def broadcast_object(value: Any, context: DistContext) -> Any:
     return box[0]
 
 
+def all_gather_state(value: Any, context: DistContext) -> List[Any]:
+    """Every rank's ``value`` (plain values and tensors), in rank order.
+
+    ``all_gather_object`` cannot carry tensors between CPU processes, so each value travels
+    as the bytes of ``torch.save`` and is read back by the guarded loader.
+    """
+    if not context.distributed:
+        return [value]
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    out = [None] * context.world_size
+    dist.all_gather_object(out, buffer.getvalue())
+    return [load_tensors(io.BytesIO(data), what="state of another rank") for data in out]
+
+
 def wrap_model(model: torch.nn.Module, context: DistContext) -> torch.nn.Module:
     """``model`` in DistributedDataParallel when the world is larger than one."""
     if not context.distributed:
@@ -128,9 +156,13 @@ def wrap_model(model: torch.nn.Module, context: DistContext) -> torch.nn.Module:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel (or ``model`` itself)."""
-    return model.module if hasattr(model, "module") and isinstance(
-        model, torch.nn.parallel.DistributedDataParallel) else model
+    """The module inside DistributedDataParallel (or ``model`` itself).
+
+    Evaluation runs the bare module: DistributedDataParallel's forward would broadcast
+    buffers and arm gradient hooks, and the ranks may run different numbers of batches.
+    """
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+        else model
 
 
 class ResumableDistributedSampler(DistributedSampler):

@@ -528,7 +528,7 @@ def main(argv=None) -> int:
         results.append(result)
         texts.append(text)
     if args.json:
-        from applications.conv_tt_lstm.atomic import write_json_atomic
+        from applications.conv_tt_lstm.files import write_json_atomic
 
         write_json_atomic(args.json, results[0] if len(results) == 1 else
                           {"batches": results, "report": "\n\n".join(texts)})

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tt_conv
+from _peers import tltorch_compress
 from tt_conv.profile import count_parameters, model_flops
 from tt_conv.report import write_text_atomic
 
@@ -158,37 +159,14 @@ def inference_ms(model, x, repeats: int) -> float:
 def compress_tt_conv(model, factorization, target, budget_fraction, calibration):
     rank = "evbmf" if target == "evbmf" else {"params": budget_fraction, "global": True}
     return tt_conv.compress(model, factorization, rank, exclude=["conv1"],
-                            calibration=calibration, progress=False)[0]
+                            calibration=calibration, fit="data", progress=False)[0]
 
 
 def compress_tltorch(model, factorization, budget):
     """tensorly-torch ``from_conv`` on conv2-4, one fraction for all, the largest fitting."""
-    import tltorch
-
     names = ["conv2", "conv3", "conv4"]
-    fixed = {"fixed_rank_modes": "spatial"} if factorization == "tucker" else {}
-
-    def build(fraction, decompose):
-        layers = {}
-        for name in names:
-            conv = getattr(model, name)
-            layers[name] = tltorch.FactorizedConv.from_conv(
-                conv, rank=fraction, factorization=factorization, implementation="factorized",
-                decompose_weights=decompose, **fixed,
-            )
-        return layers
-
     dense_rest = conv_parameters(model) - sum(count_parameters(getattr(model, n)) for n in names)
-    lo, hi = 1e-4, 1.0
-    for _ in range(30):  # bisection on the fraction (parameter count only, no decomposition)
-        mid = 0.5 * (lo + hi)
-        total = dense_rest + sum(count_parameters(l) for l in build(mid, False).values())
-        lo, hi = (mid, hi) if total <= budget else (lo, mid)
-    compressed = copy.deepcopy(model)
-    torch.manual_seed(0)
-    for name, layer in build(lo, True).items():
-        setattr(compressed, name, layer)
-    return compressed, lo
+    return tltorch_compress(model, names, factorization, budget, dense_rest)
 
 
 # ----------------------------------------------------------------------------- main

@@ -89,7 +89,7 @@ def build_paths(args, conv: nn.Module, input_shape) -> List[BenchPath]:
             ours = tt_conv.FactorizedConv.from_conv(conv, factorization=factorization,
                                                     rank=args.rank, implementation="factorized")
         else:
-            cls = tt_conv.FactorizedConv._registry[factorization]
+            cls = tt_conv.FactorizedConv.class_for(factorization)
             ours = cls(conv.in_channels, conv.out_channels, conv.kernel_size,
                        stride=conv.stride, padding=conv.padding, bias=conv.bias is not None,
                        rank=args.rank, implementation="factorized")

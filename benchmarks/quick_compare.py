@@ -72,7 +72,7 @@ def _score(model, config, device="cpu"):
     from applications.conv_tt_lstm.data.factory import build_video_dataset
     from applications.conv_tt_lstm.evaluation import evaluate, evaluation_loader
     from applications.conv_tt_lstm.metrics import FrameMetrics
-    from applications.conv_tt_lstm.train import dataset_spec
+    from applications.conv_tt_lstm.prediction import dataset_spec
 
     spec = dataset_spec(dataclasses.replace(config.data, future_frames=30))
     loader = evaluation_loader(build_video_dataset(spec, "val"), config.run.val_batch_size)
@@ -89,7 +89,7 @@ def _means(summary, frames):
 def main(argv=None) -> int:
     args = _arguments(argv)
     from applications.conv_tt_lstm.model import CELL_NAMES
-    from applications.conv_tt_lstm.train import train
+    from applications.conv_tt_lstm.prediction import train
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
               f"step (shared machine: noisy)."]
     print("\n".join(lines))
     if args.json:
-        from applications.conv_tt_lstm.atomic import write_json_atomic
+        from applications.conv_tt_lstm.files import write_json_atomic
 
         write_json_atomic(args.json, {"rows": rows, "config": first.to_dict()})
     return 0

@@ -1,5 +1,9 @@
 """Training-step time of a preset at each thread count, on an idle and on a busy machine.
 
+Each fixed thread count is measured, and the adaptive policy of ``run.threads=0``
+(``applications/conv_tt_lstm/training/threads.py``), which starts on the idle machine and
+must notice the background job by itself.
+
 On a machine whose cores are shared with another job, every parallel region of PyTorch waits
 for its slowest thread, and a thread the OS has descheduled makes the whole region wait; a
 recurrent network runs thousands of small regions per step. This script measures how much
@@ -51,6 +55,10 @@ def parse_args(argv=None):
                         help="threads of the background job (0: idle rows only)")
     parser.add_argument("--precision", choices=("fp32", "bf16"),
                         help="default: the preset's")
+    parser.add_argument("--warmup", type=float, default=8.0,
+                        help="seconds of untimed steps before each row")
+    parser.add_argument("--recheck", type=float, default=2.0,
+                        help="the adaptive policy's seconds between looks at the load")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     if args.steps < 1 or min(args.threads) < 1 or args.load_threads < 0:
@@ -62,8 +70,8 @@ def _step_function(config, precision: str):
     import torch
 
     from applications.conv_tt_lstm.model import VideoPredictionNetwork
-    from applications.conv_tt_lstm.precision import autocast_context
-    from applications.conv_tt_lstm.train import sequence_loss
+    from applications.conv_tt_lstm.precision import resolve_precision
+    from applications.conv_tt_lstm.prediction import sequence_loss
 
     torch.manual_seed(0)
     model = VideoPredictionNetwork(config.model, channels_last=config.run.channels_last)
@@ -73,9 +81,11 @@ def _step_function(config, precision: str):
     frames = torch.rand(data.batch_size, data.input_frames + data.future_frames,
                         config.model.image_channels, size, size)
 
+    autocast = resolve_precision(precision, "cpu").autocast
+
     def step() -> float:
         start = time.perf_counter()
-        with autocast_context("cpu", precision):
+        with autocast():
             outputs = model(frames, data.future_frames, teacher_forcing=True,
                             sampling_ratio=0.5, all_outputs=True)
         loss = sequence_loss(outputs, frames[:, 1:], config.optim)
@@ -87,34 +97,56 @@ def _step_function(config, precision: str):
     return step
 
 
-def _measure(step, threads, steps):
-    import torch
-
-    torch.set_num_threads(threads)
-    step()  # warm-up (kernel creation, compilation)
-    return [step() for _ in range(steps)]
+def _measure(step, policy, steps, warmup_seconds):
+    """Seconds of ``steps`` steps after at least ``warmup_seconds`` of warm-up steps
+    (kernel creation, compilation, and the adaptive policy's first look at the load)."""
+    start = time.perf_counter()
+    step()
+    while time.perf_counter() - start < warmup_seconds:
+        step()
+        policy.update()
+    seconds = []
+    for _ in range(steps):
+        seconds.append(step())
+        policy.update()
+    return seconds, policy.threads
 
 
 def main(argv=None) -> int:
     from applications.conv_tt_lstm.config import preset
+    from applications.conv_tt_lstm.files import write_json_atomic
+    from applications.conv_tt_lstm.training.threads import ThreadPolicy
 
     args = parse_args(argv)
     config = preset(args.preset)
     precision = args.precision or config.run.precision
+    if precision == "auto":
+        from applications.conv_tt_lstm.precision import fast_precision
+
+        precision = fast_precision("cpu")
     step = _step_function(config, precision)
+    # The adaptive policy is made once, on the idle machine, and kept for the busy rows.
+    adaptive = ThreadPolicy(0, recheck_seconds=args.recheck)
+    policies = [("adaptive", adaptive)]
+    policies = [(str(n), ThreadPolicy(n)) for n in args.threads] + policies
+
+    def measure_all(load: str) -> None:
+        for name, policy in policies:
+            import torch
+
+            torch.set_num_threads(policy.threads)
+            seconds, used = _measure(step, policy, args.steps, args.warmup)
+            rows.append(dict(threads=name, used=used, load=load, seconds=seconds))
+
     rows = []
-    for threads in args.threads:
-        rows.append(dict(threads=threads, load="idle", seconds=_measure(step, threads,
-                                                                        args.steps)))
+    measure_all("idle")
     if args.load_threads:
         load = subprocess.Popen([sys.executable, "-c", LOAD, str(args.load_threads)],
                                 stdout=subprocess.PIPE, text=True)
         try:
             load.stdout.readline()
             time.sleep(1.0)
-            for threads in args.threads:
-                rows.append(dict(threads=threads, load=f"{args.load_threads}-thread job",
-                                 seconds=_measure(step, threads, args.steps)))
+            measure_all(f"{args.load_threads}-thread job")
         finally:
             load.kill()
             load.wait()
@@ -122,19 +154,17 @@ def main(argv=None) -> int:
     lines = [f"`train --preset {args.preset}` model, {precision}, one training step "
              f"(batch {config.data.batch_size}), median of {args.steps}; "
              f"{os.cpu_count()} cores",
-             "", "| threads | machine | s / step | vs idle, same threads | vs best idle |",
-             "|---|---|---|---|---|"]
+             "", "| threads | used | machine | s / step | vs idle, same policy | vs best idle |",
+             "|---|---|---|---|---|---|"]
     best = min(idle.values())
     for r in rows:
         median = statistics.median(r["seconds"])
         r["median_seconds"] = median
-        lines.append(f"| {r['threads']} | {r['load']} | {median:.3f} "
+        lines.append(f"| {r['threads']} | {r['used']} | {r['load']} | {median:.3f} "
                      f"| {median / idle[r['threads']]:.2f}x | {median / best:.2f}x |")
     text = "\n".join(lines)
     print(text)
     if args.json:
-        from applications.conv_tt_lstm.atomic import write_json_atomic
-
         write_json_atomic(args.json, dict(setup=vars(args), precision=precision, rows=rows,
                                           report=text))
     return 0

@@ -7,7 +7,7 @@ def train_worker(rank, config_dict, port, queue):
     import torch
 
     from applications.conv_tt_lstm.config import TrainConfig
-    from applications.conv_tt_lstm.train import train
+    from applications.conv_tt_lstm.prediction import train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

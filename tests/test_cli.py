@@ -10,14 +10,10 @@ from torch import nn
 
 from tt_conv import FactorizedConv
 from tt_conv.cli import main, parse_rank_argument
+from conftest import threads_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = threads_fixture(1)
 
 
 @pytest.fixture

@@ -13,14 +13,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import tt_conv
 from tt_conv import FactorizedConv, calibrate, decompose
 from tt_conv.profile import conv_modules, count_parameters
+from conftest import threads_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = threads_fixture(1)
 
 
 def make_cnn(seed=0):
@@ -196,8 +192,12 @@ def test_global_and_per_layer_flop_budgets_hold_when_measured():
 
 def test_budgets_below_rank_one_name_the_layer():
     model = make_cnn()
+    # Since issue 11 such layers stay dense by default; strict=True raises as before.
     with pytest.raises(ValueError, match="layer '0'.*rank 1"):
-        tt_conv.compress(model, "tucker", 0.01, progress=False)
+        tt_conv.compress(model, "tucker", 0.01, strict=True, progress=False)
+    _, report = tt_conv.compress(model, "tucker", 0.01, progress=False)
+    first = report.layers[0]
+    assert first.factorization == "dense" and "rank 1" in first.note
     with pytest.raises(ValueError, match="global"):
         tt_conv.compress(model, "tucker", {"params": 0.001, "global": True}, progress=False)
 
@@ -395,7 +395,7 @@ def test_data_fit_with_grouped_strided_and_padded_convolutions():
     x = torch.randn(16, 4, 12, 10)
     for factorization in ("tucker", "cp", "tt"):
         compressed, report = tt_conv.compress(model, factorization, 0.5, calibration=x,
-                                              progress=False)
+                                              fit="data", progress=False)
         assert compressed(x).shape == model(x).shape
         assert all(r.output_error is not None and math.isfinite(r.output_error)
                    for r in report.layers)
@@ -409,3 +409,154 @@ def test_recompressing_a_compressed_model_keeps_biases():
     assert twice[0].factorization == "cp"
     assert torch.equal(twice[0].bias, once[0].bias)
     assert report.layers[0].params_before == count_parameters(once[0])
+
+
+# --------------------------------------------------------------------------- issue 11
+
+
+def _bn_cnn(seed=0):
+    """Convs each followed by ReLU and BatchNorm with uneven running statistics, as in a
+    trained network (a BN re-amplifies low-variance channels)."""
+    torch.manual_seed(seed)
+    layers = []
+    for c_in, c_out in ((3, 24), (24, 32), (32, 32)):
+        bn = nn.BatchNorm2d(c_out)
+        with torch.no_grad():
+            bn.running_var.copy_(torch.logspace(-3, 0, c_out))
+            bn.running_mean.uniform_(-0.1, 0.1)
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), bn]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+def test_calibration_is_never_worse_than_none_on_held_out_samples(factorization):
+    model = _bn_cnn()
+    batch = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    held = batch[24:]  # the quarter compress holds out
+    plain, _ = tt_conv.compress(model, factorization, 0.25, progress=False)
+    calibrated, report = tt_conv.compress(model, factorization, 0.25, calibration=batch,
+                                          fit="data", progress=False)
+    with torch.no_grad():
+        reference = model(held)
+        without = decompose.relative_error(plain(held), reference)
+        with_data = decompose.relative_error(calibrated(held), reference)
+    assert torch.isfinite(calibrated(batch)).all()
+    assert with_data <= without * (1 + 1e-6)
+    assert report.model_output_error == pytest.approx(with_data, rel=1e-5)
+    assert "held-out" in report.measured_on
+    assert all("fit:" in r.note for r in report.layers if r.factorization != "dense")
+
+
+def test_calibration_does_not_change_the_ranks():
+    model = _bn_cnn()
+    batch = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(6))
+    for rank in ("evbmf", {"energy": 0.8}, {"params": 0.3, "global": True}):
+        _, plain = tt_conv.compress(model, "tucker", rank, progress=False)
+        _, calibrated = tt_conv.compress(model, "tucker", rank, calibration=batch,
+                                         fit="data", progress=False)
+        assert [r.ranks for r in plain.layers] == [r.ranks for r in calibrated.layers]
+
+
+def test_refit_refuses_too_few_samples_and_never_worsens_held_out_channels():
+    torch.manual_seed(7)
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    layer = FactorizedConv.from_conv(conv, factorization="tucker", rank=(12, 12))
+    x = torch.randn(1, 16, 2, 2)
+    with pytest.raises(ValueError, match="underdetermined.*at least"):
+        calibrate.refit_output_stage(layer, x, conv(x).detach())
+    x = torch.randn(24, 16, 6, 6)
+    target = conv(x).detach()
+    fit, held = slice(0, 16), slice(16, 24)
+    with torch.no_grad():
+        before = decompose.relative_error(layer(x[held]), target[held])
+    result = calibrate.refit_output_stage(layer, x[fit], target[fit],
+                                          held_out=(x[held], target[held]))
+    with torch.no_grad():
+        after = decompose.relative_error(layer(x[held]), target[held])
+    assert after <= before + 1e-9
+    assert result.held_out_after == pytest.approx(after, rel=1e-4)
+    assert result.ridge in calibrate.RIDGES
+
+
+def test_evbmf_keeps_a_similar_share_for_cp_as_for_tucker():
+    torch.manual_seed(8)
+    # A trained-like kernel: low Tucker rank plus noise, not a sum of few rank-one terms.
+    core = torch.randn(12, 10, 3, 3)
+    kernel = torch.einsum("abkl,oa,nb->onkl", core, torch.randn(64, 12), torch.randn(48, 10))
+    kernel = kernel + 0.01 * torch.randn(64, 48, 3, 3)
+    dims = tuple(kernel.shape)
+    tucker = tt_conv.rank.evbmf_rank("tucker", kernel)
+    cp_bound = tt_conv.rank.evbmf_rank("cp", kernel)
+    cp = tt_conv.rank.evbmf_rank("cp", kernel, match_tucker=True)
+    share = tt_conv.rank.n_factor_parameters
+    assert share("cp", dims, cp) <= share("tucker", dims, tucker) < share("cp", dims, (cp[0] + 1,))
+    assert cp[0] > cp_bound[0]
+
+
+def test_report_says_growth_as_growth():
+    from tt_conv.report import CompressionReport, LayerReport
+
+    row = LayerReport("c", (8, 8, 3, 3), "tt", (2, 2, 2), 584, 100, 361e9, 374e9)
+    text = str(CompressionReport([row], "tt", "x", 584, 100))
+    assert "1.04x larger" in text and "0.97x" not in text
+
+
+def test_no_import_cycles_and_no_function_local_imports_in_the_library():
+    import ast
+    from pathlib import Path
+
+    root = Path(tt_conv.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        module = module.removesuffix(".__init__")
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                edges.add(target)
+        for function in ast.walk(tree):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(function):
+                    if isinstance(node, ast.ImportFrom) and (
+                            node.level or (node.module or "").startswith("tt_conv")):
+                        raise AssertionError(f"{module}.{function.name} imports {node.module} "
+                                             f"inside a function")
+        graph[module] = {e for e in edges if e != "tt_conv"}
+
+    def resolve(name):
+        while name and name not in graph:
+            name = name.rpartition(".")[0]
+        return name
+
+    state = {}
+
+    def visit(node, stack):
+        state[node] = "active"
+        for target in sorted(graph[node]):
+            target = resolve(target)
+            if not target or target == node:
+                continue
+            if state.get(target) == "active":
+                raise AssertionError("import cycle: " + " -> ".join(stack + [node, target]))
+            if target not in state:
+                visit(target, stack + [node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state and node != "tt_conv":
+            visit(node, [])
+
+
+def test_calibration_by_default_measures_and_changes_nothing():
+    model = _bn_cnn()
+    batch = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(9))
+    plain, _ = tt_conv.compress(model, "tucker", 0.3, progress=False)
+    calibrated, report = tt_conv.compress(model, "tucker", 0.3, calibration=batch,
+                                          progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(calibrated(batch), plain(batch))
+    assert all(r.output_error is not None for r in report.layers)

@@ -8,14 +8,10 @@ import torch
 from tensorly.decomposition import partial_tucker
 
 from tt_conv import decompose as D
+from conftest import threads_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = threads_fixture(1)
 
 
 def cp_tensor(factors, weights=None):

@@ -36,8 +36,8 @@ def test_every_api_module_page_names_an_importable_module():
 
 @pytest.mark.parametrize("module", [
     "model", "complexity", "metrics", "plots", "evaluation", "inference", "precision",
-    "data.moving_mnist", "data.kth", "data.ssv2", "data.video", "config", "train",
-    "training.loop", "training.distributed", "recognition.model", "recognition.train",
+    "data.moving_mnist", "data.kth", "data.ssv2", "data.video", "config", "prediction",
+    "training.loop", "training.distributed", "recognition.model", "recognition.task",
 ])
 def test_application_modules_are_documented(module):
     listed = (DOCS / "api" / "applications.rst").read_text(encoding="utf-8")

@@ -21,7 +21,8 @@ from applications.conv_tt_lstm.evaluation import (
     trivial_predictor_summaries,
 )
 from applications.conv_tt_lstm.metrics import FrameMetrics, LpipsMetric
-from applications.conv_tt_lstm.model import ArchitectureConfig, VideoPredictionNetwork, save_checkpoint
+from applications.conv_tt_lstm.checkpoint import save_checkpoint
+from applications.conv_tt_lstm.model import ArchitectureConfig, VideoPredictionNetwork
 
 TINY = dict(hidden_channels=(4, 4), layers_per_block=1, kernel_size=3, order=2, steps=2, rank=2,
             skip_stride=0, patch_size=4)

@@ -122,7 +122,7 @@ def test_unbatched_input(factorization):
 
 @pytest.mark.parametrize("factorization", FACTORIZATIONS)
 def test_output_shape_matches_the_computed_output(factorization):
-    layer = tt_conv.FactorizedConv._registry[factorization](
+    layer = tt_conv.FactorizedConv.class_for(factorization)(
         4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1), rank=2
     )
     x = torch.randn(3, 4, 11, 7)

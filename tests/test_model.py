@@ -9,15 +9,9 @@ import torch.nn.functional as F
 
 from applications.conv_tt_lstm import cli
 from applications.conv_tt_lstm.complexity import measure_complexity
-from applications.conv_tt_lstm.model import (
-    ArchitectureConfig,
-    CheckpointError,
-    VideoPredictionNetwork,
-    load_checkpoint,
-    load_nvlabs_checkpoint,
-    paper_config,
-    save_checkpoint,
-)
+from applications.conv_tt_lstm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from applications.conv_tt_lstm.model import ArchitectureConfig, VideoPredictionNetwork, paper_config
+from applications.conv_tt_lstm.nvlabs import load_nvlabs_checkpoint
 
 SMALL = dict(image_channels=1, hidden_channels=(3, 4, 5), layers_per_block=2, skip_stride=1,
              kernel_size=3, order=2, steps=3, rank=2)

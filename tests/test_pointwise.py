@@ -97,7 +97,11 @@ def test_compiled_kernels_under_activation_checkpointing():
 
 
 @needs_compiler
-def test_compiled_kernels_under_distributed_data_parallel(tmp_path):
+@pytest.mark.parametrize("compiled", ["pointwise", "cells"])
+def test_compiled_kernels_under_distributed_data_parallel(tmp_path, compiled):
+    """``pointwise``: the fused kernels; ``cells``: every cell compiled whole, in place, as
+    ``train --compile`` does (through dynamo and AOTAutograd; ``aot_eager`` keeps the test
+    fast, inductor's code generation is torch's own)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -109,7 +113,10 @@ def test_compiled_kernels_under_distributed_data_parallel(tmp_path):
     tt_conv.set_pointwise(plain, "eager")
     wrapped = VideoPredictionNetwork(config, dtype=torch.float64)
     wrapped.load_state_dict(plain.state_dict())
-    tt_conv.set_pointwise(wrapped, "compiled")
+    if compiled == "pointwise":
+        tt_conv.set_pointwise(wrapped, "compiled")
+    else:
+        tt_conv.compile_cells(wrapped, backend="aot_eager")
     frames = torch.rand(2, 4, 1, 5, 6, dtype=torch.float64)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)

@@ -10,7 +10,8 @@ from PIL import Image
 from applications.conv_tt_lstm import cli
 from applications.conv_tt_lstm.data.sequence_files import write_sequences_npz
 from applications.conv_tt_lstm.inference import InputFramesError, fit_frames, load_model, read_input_frames
-from applications.conv_tt_lstm.model import ArchitectureConfig, VideoPredictionNetwork, save_checkpoint
+from applications.conv_tt_lstm.checkpoint import save_checkpoint
+from applications.conv_tt_lstm.model import ArchitectureConfig, VideoPredictionNetwork
 from test_model import release_predictions, release_state_dict
 
 TINY = dict(hidden_channels=(4, 4), layers_per_block=1, kernel_size=3, order=2, steps=2, rank=2,

@@ -10,16 +10,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tt_conv import FactorizedConv, decompose
+from tt_conv import budget as B
 from tt_conv import rank as R
+from conftest import threads_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small linear algebra is far slower with 2 threads on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = threads_fixture(1)
 
 
 def low_rank_plus_noise(L, M, signal, sigma, seed):
@@ -251,7 +247,7 @@ def _flops_of(layer, x):
 @pytest.mark.parametrize("fraction", [0.05, 0.25, 0.6])
 def test_parameter_budget_is_never_exceeded_and_is_the_largest(factorization, fraction):
     conv = nn.Conv2d(48, 40, 3, padding=1)
-    ranks = R.layer_budget_rank(conv, factorization, fraction)
+    ranks = B.layer_budget_rank(conv, factorization, fraction)
     layer = FactorizedConv.from_conv(conv, factorization=factorization, rank=ranks)
     kernel_budget = fraction * conv.weight.numel()
     assert layer.n_parameters - conv.out_channels <= kernel_budget
@@ -274,26 +270,26 @@ def test_flop_budget_holds_when_measured_by_flop_counter(factorization, geometry
     conv = nn.Conv2d(32, 48, **geometry)
     x = torch.randn(2, 32, 20, 20)
     dense = _flops_of(conv, x)
-    ranks = R.layer_budget_rank(conv, factorization, 0.3, metric="flops", input_shape=x.shape)
+    ranks = B.layer_budget_rank(conv, factorization, 0.3, metric="flops", input_shape=x.shape)
     layer = FactorizedConv.from_conv(conv, factorization=factorization, rank=ranks,
                                      implementation="factorized")
     measured = _flops_of(layer, x)
-    assert measured == R.factorized_flops(conv, factorization, ranks, x.shape)
+    assert measured == B.factorized_flops(conv, factorization, ranks, x.shape)
     assert measured <= 0.3 * dense
 
 
 def test_budgets_below_rank_one_and_bad_arguments_are_refused():
     conv = nn.Conv2d(64, 64, 3)
     with pytest.raises(ValueError, match="rank 1"):
-        R.layer_budget_rank(conv, "cp", 0.001)
+        B.layer_budget_rank(conv, "cp", 0.001)
     with pytest.raises(ValueError, match="rank 1"):
-        R.layer_budget_rank(conv, "tucker", 0.001, metric="flops", input_shape=(1, 64, 8, 8))
+        B.layer_budget_rank(conv, "tucker", 0.001, metric="flops", input_shape=(1, 64, 8, 8))
     with pytest.raises(ValueError, match="input_shape"):
-        R.layer_budget_rank(conv, "cp", 0.5, metric="flops")
+        B.layer_budget_rank(conv, "cp", 0.5, metric="flops")
     with pytest.raises(ValueError, match="metric"):
-        R.layer_budget_rank(conv, "cp", 0.5, metric="bytes")
+        B.layer_budget_rank(conv, "cp", 0.5, metric="bytes")
     with pytest.raises(ValueError, match="fraction"):
-        R.layer_budget_rank(conv, "cp", 1.5)
+        B.layer_budget_rank(conv, "cp", 1.5)
     with pytest.raises(ValueError, match="energy"):
         R.energy_rank("cp", conv.weight, 0.0)
 

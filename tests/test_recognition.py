@@ -13,16 +13,14 @@ import torch
 from applications.conv_tt_lstm import cli
 from applications.conv_tt_lstm.recognition.config import RecognitionConfig, apply_overrides, preset
 from applications.conv_tt_lstm.recognition.evaluate import accuracy_by_fraction, frames_seen
-from applications.conv_tt_lstm.recognition.model import (
-    ClassifierConfig, build_classifier, count_parameters,
-)
-from applications.conv_tt_lstm.recognition.synthetic import (
+from applications.conv_tt_lstm.complexity import parameter_counts as count_parameters
+from applications.conv_tt_lstm.recognition.model import ClassifierConfig, build_classifier
+from applications.conv_tt_lstm.data.walls import (
     N_CLASSES, WallTouchFixed, WallTouchStream, generate_wall_clip, shrink_digits,
 )
 from applications.conv_tt_lstm.recognition.config import RecognitionOptimConfig
-from applications.conv_tt_lstm.recognition.train import (
-    load_classifier, sequence_cross_entropy, train_recognizer,
-)
+from applications.conv_tt_lstm.recognition.model import load_classifier
+from applications.conv_tt_lstm.recognition.task import sequence_cross_entropy, train_recognizer
 from _video_files import level_frames, write_video
 
 SQUARES = np.full((3, 6, 6), 255, np.uint8)  # the digit's box is all ink: walls are visible
@@ -317,7 +315,7 @@ def test_two_training_steps_on_prepared_kth(kth_prepared, tmp_path):
     config = tiny_config(tmp_path, **{"data.dataset": "kth", "data.root": str(kth_prepared),
                                       "data.frame_size": 16, "data.n_frames": 6,
                                       "data.kth_stride": 4, "data.val_clips": 0})
-    from applications.conv_tt_lstm.recognition.datasets import build_clip_source
+    from applications.conv_tt_lstm.data.factory import build_clip_source
 
     source = build_clip_source(config.data, "test")
     assert source.n_classes == 6 and source.frame_shape == (1, 16, 16)

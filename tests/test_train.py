@@ -12,16 +12,17 @@ import pytest
 import torch
 
 from applications.conv_tt_lstm import cli
-from applications.conv_tt_lstm import train as train_module
+from applications.conv_tt_lstm import prediction as train_module
 from applications.conv_tt_lstm.config import (
     DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig, apply_overrides, preset,
 )
 from applications.conv_tt_lstm.data.sequence_files import DatasetFileError
-from applications.conv_tt_lstm.model import ArchitectureConfig, load_checkpoint
-from applications.conv_tt_lstm.train import train
+from applications.conv_tt_lstm.checkpoint import load_checkpoint
+from applications.conv_tt_lstm.model import ArchitectureConfig
+from applications.conv_tt_lstm.prediction import train
 from applications.conv_tt_lstm.training.checkpoints import load_training_checkpoint
 from applications.conv_tt_lstm.training.loop import NonFiniteLossError
-from applications.conv_tt_lstm.training.precision import PrecisionError
+from applications.conv_tt_lstm.precision import PrecisionError
 
 
 def tiny_config(tmp_path, name="run", **changes) -> TrainConfig:

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+import tt_conv
 from applications.conv_tt_lstm.config import ScheduleConfig
 from applications.conv_tt_lstm.model import ArchitectureConfig, VideoPredictionNetwork
 from applications.conv_tt_lstm.training.checkpoints import capture_rng_state, restore_rng_state
-from applications.conv_tt_lstm.training.distributed import DistContext, ResumableDistributedSampler
-from applications.conv_tt_lstm.training.precision import PrecisionError, resolve_precision
+from applications.conv_tt_lstm.training.distributed import (
+    DistContext, ResumableDistributedSampler, wrap_model,
+)
+from applications.conv_tt_lstm.precision import PrecisionError, resolve_precision
 from applications.conv_tt_lstm.training.schedules import TrainingSchedule
 
 
@@ -94,3 +97,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_wrap_model_compiles_every_cell_in_place_and_keeps_the_parameter_names():
+    model = VideoPredictionNetwork(ArchitectureConfig(hidden_channels=(4, 4), layers_per_block=1,
+                                                      skip_stride=0, kernel_size=3, rank=2))
+    names = list(model.state_dict())
+    assert wrap_model(model, DistContext(), compile=True) is model
+    assert list(model.state_dict()) == names  # checkpoints unchanged
+    cells = [m for m in model.modules() if isinstance(m, tt_conv.recurrent.RECURRENT_CELLS)]
+    assert len(cells) == 2 and all(c._compiled_call_impl is not None for c in cells)
+    assert model._compiled_call_impl is None  # the loops over time stay in Python

@@ -42,8 +42,9 @@ __all__ += [
     "pointwise",
 ]
 
-from . import profile
+from . import budget, equivalent, profile
 from .compress import compress, export, parse_rank
 from .report import CompressionReport, LayerReport
 
-__all__ += ["compress", "export", "parse_rank", "CompressionReport", "LayerReport", "profile"]
+__all__ += ["compress", "export", "parse_rank", "CompressionReport", "LayerReport", "profile",
+            "budget", "equivalent"]

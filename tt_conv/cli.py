@@ -19,6 +19,23 @@ import tempfile
 import warnings
 from typing import List, Optional, Sequence
 
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import rank as R
+from .compress import compress, export
+from .layers.base import conv_geometry
+from .profile import (
+    conv_input_shapes,
+    conv_modules,
+    count_parameters,
+    example_inputs,
+    kernel_shape,
+    layer_flops,
+)
+from .report import write_text_atomic
+
 RANK_HELP = (
     "0.25 (fraction of each layer's parameters), 16 or 16,8 (explicit ranks), evbmf, "
     "evbmf:W (weakened EVBMF), energy:E, error:EPS, params:F or flops:F"
@@ -77,9 +94,6 @@ def parse_shape(text: Optional[str], argument: str = "--input-shape"):
 
 def load_model(path: str):
     """A whole ``nn.Module`` saved with ``torch.save``, on the CPU, or a CommandError."""
-    import torch
-    from torch import nn
-
     if not os.path.isfile(path):
         raise CommandError(f"model file {path!r} does not exist")
     try:
@@ -103,8 +117,6 @@ def load_model(path: str):
 def load_calibration(path: Optional[str]):
     if path is None:
         return None
-    import torch
-
     if not os.path.isfile(path):
         raise CommandError(f"calibration file {path!r} does not exist")
     try:
@@ -122,8 +134,6 @@ def load_calibration(path: Optional[str]):
 
 
 def save_model_atomic(model, path: str) -> None:
-    import torch
-
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
@@ -141,23 +151,21 @@ def save_model_atomic(model, path: str) -> None:
 
 
 def run_compress(args) -> int:
-    import tt_conv
-    from tt_conv.report import write_text_atomic
-
     model = load_model(args.model)
     rank = parse_rank_argument(args.rank, args.global_budget, args.min_rank)
     calibration = load_calibration(args.calibration)
     try:
-        compressed, report = tt_conv.compress(
+        compressed, report = compress(
             model, args.factorization, rank, include=args.include or None,
             exclude=args.exclude or None, input_shape=parse_shape(args.input_shape),
-            calibration=calibration, fit=args.fit, implementation=args.implementation,
+            calibration=calibration, fit=args.fit, strict=args.strict,
+            implementation=args.implementation,
             inplace=True, progress=not args.quiet,
         )
     except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from None
     if args.export:
-        compressed = tt_conv.export(compressed, inplace=True)
+        compressed = export(compressed, inplace=True)
     save_model_atomic(compressed, args.out)
     if args.report:
         lower = args.report.lower()
@@ -176,13 +184,6 @@ def run_compress(args) -> int:
 
 def inspect_rows(model, input_shape=None, progress: bool = True) -> List[dict]:
     """Per convolution: its shape, parameters, FLOPs and what EVBMF ranks would save."""
-    from tqdm.auto import tqdm
-
-    from tt_conv import rank as R
-    from tt_conv.layers.base import conv_geometry
-    from tt_conv.profile import conv_input_shapes, conv_modules, count_parameters, \
-        example_inputs, kernel_shape, layer_flops
-
     convs = conv_modules(model)
     if not convs:
         raise CommandError(f"the model ({type(model).__name__}) has no convolution to inspect")
@@ -207,7 +208,7 @@ def inspect_rows(model, input_shape=None, progress: bool = True) -> List[dict]:
         dims = (kernel.shape[0] // conv.groups, *kernel.shape[1:])
         extra = 0 if bias is None else bias.numel()
         for factorization in R.FACTORIZATIONS:
-            ranks = R.evbmf_rank(factorization, kernel, groups=conv.groups)
+            ranks = R.evbmf_rank(factorization, kernel, groups=conv.groups, match_tucker=True)
             after = conv.groups * R.n_factor_parameters(factorization, dims, ranks) + extra
             row["evbmf"][factorization] = {"ranks": list(ranks), "params": after,
                                            "reduction": params / after}
@@ -216,8 +217,6 @@ def inspect_rows(model, input_shape=None, progress: bool = True) -> List[dict]:
 
 
 def run_inspect(args) -> int:
-    from tt_conv.report import write_text_atomic
-
     model = load_model(args.model)
     rows = inspect_rows(model, parse_shape(args.input_shape), progress=not args.quiet)
     header = ["layer", "kernel", "params", "FLOPs", "cp (EVBMF)", "tucker (EVBMF)",
@@ -274,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", help="a tensor batch saved with torch.save, for output "
                                          "errors and a data-aware fit")
     c.add_argument("--fit", default="auto", choices=["auto", "data", "kernel"])
+    c.add_argument("--strict", action="store_true",
+                   help="fail on a layer that cannot shrink within its budget (default: keep "
+                        "it dense and say why)")
     c.add_argument("--implementation", default="auto",
                    choices=["auto", "factorized", "reconstructed"])
     c.add_argument("--export", action="store_true",

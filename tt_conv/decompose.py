@@ -22,6 +22,7 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import tensor_train
 
+from ._checks import check_finite
 from .rank import max_cp_rank
 
 
@@ -36,13 +37,6 @@ def working_dtype(dtype: torch.dtype, precision: Optional[str] = None) -> torch.
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
     return torch.float64 if precision == "float64" else torch.float32
-
-
-def check_finite(kernel: torch.Tensor, name: str = "kernel") -> None:
-    """Raise ``ValueError`` if ``kernel`` holds NaN or inf, naming ``name``."""
-    if not torch.isfinite(kernel).all():
-        bad = int((~torch.isfinite(kernel)).sum())
-        raise ValueError(f"{name} holds {bad} NaN or inf values; cannot decompose it")
 
 
 def _prepare(kernel: torch.Tensor, precision: Optional[str]) -> torch.Tensor:

@@ -3,13 +3,14 @@
 FLOPs are counted as :mod:`torch.utils.flop_counter` counts them: two per multiply-add of
 every convolution and matrix product, nothing for biases, activations or padding. Single
 convolutions are counted from their geometry (:meth:`tt_conv.FactorizedConv.flops`,
-:func:`tt_conv.rank.dense_flops`), whole models by running them under
+:func:`tt_conv.budget.dense_flops`), whole models by running them under
 :class:`torch.utils.flop_counter.FlopCounterMode`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -17,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .budget import dense_flops
 from .layers import FactorizedConv
-from .rank import dense_flops
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -55,11 +56,35 @@ def conv_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return found
 
 
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at the dotted ``name`` inside ``root``; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, also of modules that ``copy.deepcopy`` refuses: a tensor
+    attribute computed from parameters (the ``weight`` of the older
+    :func:`torch.nn.utils.weight_norm`) is copied detached, as its hook recomputes it."""
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def count_parameters(module: nn.Module) -> int:
-    """Number of distinct parameters (shared tensors counted once)."""
+    """Number of distinct parameters (shared tensors counted once; parameters of
+    uninitialised lazy modules count 0)."""
     seen = set()
     total = 0
     for p in module.parameters():
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            continue
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()

@@ -51,6 +51,8 @@ class CompressionReport:
     model_output_error: Optional[float] = None
     shared_energy: Optional[float] = None
     notes: List[str] = field(default_factory=list)
+    #: What ``model_output_error`` and the layers' output errors were measured on.
+    measured_on: str = "the calibration batch"
 
     # ------------------------------------------------------------------ totals
 
@@ -109,6 +111,7 @@ class CompressionReport:
             "rank": self.rank,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
             "shared_energy": self.shared_energy,
+            "measured_on": self.measured_on,
             "layers": layers,
             "totals": self.totals(),
             "notes": list(self.notes),
@@ -158,7 +161,7 @@ class CompressionReport:
                 f"({_times(t['model_flops_reduction'])})"
             )
         if t["model_output_error"] is not None:
-            lines.append(f"relative output error of the model on the calibration batch: "
+            lines.append(f"relative output error of the model on {self.measured_on}: "
                          f"{t['model_output_error']:.4g}")
         if self.shared_energy is not None:
             lines.append(f"global budget: shared energy threshold {self.shared_energy:.6g}")
@@ -206,7 +209,12 @@ def _human(n: Optional[float]) -> str:
 
 
 def _times(ratio: Optional[float]) -> str:
-    return "-" if ratio is None else f"{ratio:.2f}x smaller"
+    """A before/after ratio in words: growth is said as growth."""
+    if ratio is None:
+        return "-"
+    if ratio < 1:
+        return f"{1 / ratio:.2f}x larger"
+    return f"{ratio:.2f}x smaller"
 
 
 def _error(value: Optional[float]) -> str:

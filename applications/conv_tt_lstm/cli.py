@@ -30,6 +30,38 @@ class CommandError(Exception):
     """A user-facing failure: printed as ``error: ...`` with exit status 2, no traceback."""
 
 
+def input_errors() -> tuple:
+    """The exceptions that mean bad input (each names what to change), not a bug."""
+    from .checkpoint import CheckpointError
+    from .data.sequence_files import DatasetFileError
+    from .data.video import VideoDecodeError
+    from .precision import PrecisionError
+
+    return (CheckpointError, FileNotFoundError, DatasetFileError, PrecisionError,
+            VideoDecodeError, ValueError)
+
+
+def run_training(command: str, train, config, args: argparse.Namespace):
+    """What ``train`` and ``recognize`` share: ``--print-config``, or the run of ``config``.
+
+    Returns the run's result (``None`` after ``--print-config``); bad input and a
+    diverged run become a :class:`CommandError` naming the command.
+    """
+    import json
+
+    from .training.loop import NonFiniteLossError
+
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return None
+    try:
+        return train(config, overwrite=args.overwrite)
+    except NonFiniteLossError as error:
+        raise CommandError(str(error)) from None
+    except input_errors() as error:
+        raise CommandError(f"{command}: {error}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m applications.conv_tt_lstm",

@@ -20,20 +20,21 @@ saved as JSON with each run (:meth:`TrainConfig.to_dict`, :meth:`TrainConfig.fro
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
+from .checks import check_choice, check_int
 from .model import ArchitectureConfig
+from .training.config import (  # noqa: F401  (apply_overrides: re-exported for the presets)
+    BaseOptimConfig,
+    BaseRunConfig,
+    SectionedConfig,
+    apply_overrides,
+)
+from .training.schedules import ScheduleConfig
 
 #: Datasets ``train`` knows.
 DATASETS = ("moving-mnist", "kth")
-#: Scheduled-sampling rules.
-SAMPLING_RULES = ("plateau", "linear", "none")
-#: Learning-rate decay rules.
-LR_DECAYS = ("plateau", "cosine", "none")
-#: Numeric precisions.
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.dataset!r}")
+        check_choice("data.dataset", self.dataset, DATASETS)
         object.__setattr__(self, "kth_val_persons", tuple(self.kth_val_persons))
         for name in ("input_frames", "future_frames", "batch_size", "samples_per_epoch",
                      "val_sequences", "n_digits"):
@@ -98,27 +98,19 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(BaseOptimConfig):
     """Loss and optimiser: ``l1_weight * L1 + mse_weight * MSE``, Adam, gradient clipping.
 
     ``clip_grad_norm`` 0 disables clipping; ``min_lr`` is the floor of every decay.
     """
 
-    lr: float = 1e-3
-    betas: Tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    clip_grad_norm: float = 3.0
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     min_lr: float = 0.0
 
     def __post_init__(self):
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
-        for name in ("weight_decay", "clip_grad_norm", "l1_weight", "mse_weight", "min_lr"):
+        super().__post_init__()
+        for name in ("l1_weight", "mse_weight", "min_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.l1_weight == 0 and self.mse_weight == 0:
@@ -126,143 +118,23 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
-    """Scheduled sampling and learning-rate decay.
-
-    Scheduled sampling feeds the ground-truth frame instead of the network's own output at a
-    future step with probability ``r``:
-
-    * ``plateau`` (the release's rule): ``r`` starts at ``sampling_start``; once the
-      validation loss has not improved for ``plateau_patience`` validation rounds, ``r``
-      falls by ``plateau_decrement`` every round down to ``sampling_end``.
-    * ``linear``: ``r`` goes from ``sampling_start`` at ``linear_start`` to ``sampling_end``
-      at ``linear_end`` (steps), linearly per iteration.
-    * ``none``: ``r = sampling_start`` throughout (0: always the network's own outputs).
-
-    Learning-rate decay:
-
-    * ``plateau`` (the release's rule): ``lr_decay_delay`` rounds after scheduled sampling
-      started to fall, ``lr x lr_decay_factor`` every ``lr_decay_every`` rounds.
-    * ``cosine``: half a cosine from ``optim.lr`` to ``optim.min_lr`` over the run, after
-      ``warmup_steps`` of linear warm-up.
-    * ``none``: constant (after the warm-up).
-    """
-
-    sampling: str = "plateau"
-    sampling_start: float = 1.0
-    sampling_end: float = 0.0
-    plateau_patience: int = 20
-    plateau_decrement: float = 4e-3
-    linear_start: int = 0
-    linear_end: int = 0
-    lr_decay: str = "plateau"
-    lr_decay_delay: int = 20
-    lr_decay_every: int = 5
-    lr_decay_factor: float = 0.98
-    warmup_steps: int = 0
-
-    def __post_init__(self):
-        if self.sampling not in SAMPLING_RULES:
-            raise ValueError(f"schedule.sampling must be one of {SAMPLING_RULES}, "
-                             f"got {self.sampling!r}")
-        if self.lr_decay not in LR_DECAYS:
-            raise ValueError(f"schedule.lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
-        for name in ("sampling_start", "sampling_end"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"schedule.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        for name in ("plateau_patience", "linear_start", "linear_end", "lr_decay_delay",
-                     "warmup_steps"):
-            check_int(f"schedule.{name}", getattr(self, name), 0)
-        check_int("schedule.lr_decay_every", self.lr_decay_every, 1)
-        if self.sampling == "linear" and self.linear_end < self.linear_start:
-            raise ValueError(f"schedule.linear_end ({self.linear_end}) must be >= "
-                             f"schedule.linear_start ({self.linear_start})")
-        if not 0 < self.lr_decay_factor <= 1:
-            raise ValueError(f"schedule.lr_decay_factor must be in (0, 1], "
-                             f"got {self.lr_decay_factor!r}")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """How the run goes: length, precision, device, cadence of logs, checks and checkpoints.
+class RunConfig(BaseRunConfig):
+    """How a video-prediction run goes (:class:`~.training.config.BaseRunConfig`'s fields and
+    the task's own).
 
     ``val_every`` / ``checkpoint_every`` / ``log_every`` / ``image_every`` count optimiser
-    steps (0: only at the end, or never for images). ``resume`` is ``None``, ``"auto"`` (the
-    run's ``checkpoints/last.pt`` when it exists) or a checkpoint path. ``threads``: CPU
-    threads (0: PyTorch's default, one per core; the quick preset sets 1, which keeps a run
-    on a busy machine about 2x slower than idle instead of many times slower: see
-    :mod:`~applications.conv_tt_lstm.training.execution`). ``compile``: ``torch.compile``
-    every recurrent cell (``train --compile``); without it only the cells' pointwise work
-    is compiled, where a compiler exists.
+    steps (0: only at the end, or never for images). ``activation_checkpointing``
+    recomputes each rollout step in the backward pass; ``channels_last`` lays the
+    activations out channels-last.
     """
 
-    name: str = "run"
-    runs_dir: str = "runs"
-    steps: int = 1000
-    precision: str = "fp32"
-    device: str = "auto"
-    seed: int = 0
-    log_every: int = 10
-    val_every: int = 500
-    checkpoint_every: int = 500
     image_every: int = 0
-    val_batch_size: int = 32
     activation_checkpointing: bool = False
     channels_last: bool = True
-    threads: int = 0
-    compile: bool = False
-    progress: bool = True
-    resume: Optional[str] = None
-    final_outputs: bool = True
-    time_limit: float = 0.0
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
-        check_int("run.steps", self.steps, 1)
-        for name in ("log_every", "val_every", "checkpoint_every", "image_every", "threads"):
-            check_int(f"run.{name}", getattr(self, name), 0)
-        check_int("run.val_batch_size", self.val_batch_size, 1)
-        if not self.time_limit >= 0:
-            raise ValueError(f"run.time_limit must be >= 0 seconds, got {self.time_limit!r}")
-
-
-class SectionedConfig:
-    """Base of a frozen dataclass whose fields are configuration sections (dataclasses).
-
-    Subclasses list their sections in ``SECTIONS`` (name -> dataclass); this class gives
-    them JSON round trips, and :func:`apply_overrides` works on any of them.
-    """
-
-    SECTIONS: ClassVar[Dict[str, type]] = {}
-
-    def to_dict(self) -> Dict[str, Dict[str, Any]]:
-        """Plain JSON-ready values (tuples become lists)."""
-        return json.loads(json.dumps({name: dataclasses.asdict(getattr(self, name))
-                                      for name in self.SECTIONS}))
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Mapping[str, Any]]):
-        """Inverse of :meth:`to_dict`; missing sections and fields take their defaults."""
-        unknown = sorted(set(values) - set(cls.SECTIONS))
-        if unknown:
-            raise ValueError(
-                f"unknown config section(s) {unknown}; expected {sorted(cls.SECTIONS)}")
-        sections = {}
-        for name, kind in cls.SECTIONS.items():
-            given = dict(values.get(name, {}))
-            known = {f.name for f in dataclasses.fields(kind)}
-            bad = sorted(set(given) - known)
-            if bad:
-                raise ValueError(f"unknown field(s) {bad} in config section {name!r}; "
-                                 f"expected some of {sorted(known)}")
-            sections[name] = kind(**given)
-        return cls(**sections)
-
-    def replace(self, **sections):
-        return dataclasses.replace(self, **sections)
+        super().__post_init__()
+        check_int("run.image_every", self.image_every, 0)
 
 
 @dataclass(frozen=True)
@@ -278,13 +150,6 @@ class TrainConfig(SectionedConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
 
 
 # ---------------------------------------------------------------------------- presets
@@ -336,11 +201,9 @@ def quick_preset() -> TrainConfig:
         schedule=ScheduleConfig(sampling="linear", sampling_start=1.0, sampling_end=0.0,
                                 linear_start=0, linear_end=int(0.4 * steps), lr_decay="cosine",
                                 warmup_steps=50),
-        # One thread: these small convolutions gain little from a second one, and beside
-        # another job a second thread makes every step wait (benchmarks/threads.py).
-        run=RunConfig(name="quick", steps=steps, precision="bf16", val_every=350,
+        run=RunConfig(name="quick", steps=steps, precision="auto", val_every=350,
                       checkpoint_every=100, log_every=20, image_every=350,
-                      val_batch_size=64, time_limit=8.5 * 60, threads=1),
+                      val_batch_size=64, time_limit=8.5 * 60),
     )
 
 
@@ -364,80 +227,3 @@ def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
-
-
-# ---------------------------------------------------------------------------- overrides
-
-
-def parse_value(text: str, current: Any, where: str) -> Any:
-    """``text`` as the type of the field's current value."""
-    lowered = text.strip().lower()
-    if lowered in ("none", "null"):
-        return None
-    if isinstance(current, bool):
-        if lowered in ("true", "1", "yes", "on"):
-            return True
-        if lowered in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"{where} expects true or false, got {text!r}")
-    if isinstance(current, tuple):
-        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
-        element = current[0] if current else 0
-        return tuple(parse_value(p, element, where) for p in parts)
-    if isinstance(current, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"{where} expects an integer, got {text!r}") from None
-    if isinstance(current, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"{where} expects a number, got {text!r}") from None
-    if current is None:
-        # Optional fields (paths, resume) are strings; numbers stay numbers.
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-    return text
-
-
-def apply_overrides(config: SectionedConfig, overrides: Iterable[str]) -> SectionedConfig:
-    """Apply ``"section.field=value"`` strings in order; values take the field's type.
-
-    Tuples are comma-separated (``model.hidden_channels=32,48``); ``none`` clears an
-    optional field.
-
-    Raises
-    ------
-    ValueError
-        Naming the override that does not parse, an unknown section or field, or a value the
-        section rejects.
-    """
-    values = config.to_dict()
-    for override in overrides:
-        key, sep, text = override.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot:
-            raise ValueError(f"override {override!r} must look like section.field=value, "
-                             f"e.g. optim.lr=1e-4")
-        if section not in config.SECTIONS:
-            raise ValueError(f"override {override!r}: unknown section {section!r}; expected "
-                             f"one of {sorted(config.SECTIONS)}")
-        current_section = getattr(config, section)
-        if name not in values[section]:
-            raise ValueError(f"override {override!r}: {section} has no field {name!r}; "
-                             f"fields: {sorted(values[section])}")
-        current = getattr(current_section, name)
-        values[section][name] = parse_value(text, current, f"override {override!r}")
-    try:
-        return type(config).from_dict(values)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"invalid configuration after overrides: {error}") from None
-
-
-def set_field(config: TrainConfig, section: str, name: str, value: Any) -> TrainConfig:
-    """A copy of ``config`` with ``section.name = value`` (validated)."""
-    part = dataclasses.replace(getattr(config, section), **{name: value})
-    return dataclasses.replace(config, **{section: part})

@@ -11,19 +11,26 @@ returns one summary per predictor (:meth:`~.metrics.MetricAccumulator.summary`).
 baselines every Moving MNIST number should be read against: repeating the last input frame,
 and an all-black frame. :func:`first_batch_predictions` gives the frames for figures, and
 :func:`evaluation_loader` a DataLoader that shards a map-style test set over DDP ranks
-without padding (each sequence counted exactly once).
+without padding (each sequence counted exactly once). :func:`write_evaluation` writes the
+files of an evaluation (metrics JSON and markdown with :func:`comparison_table`, per-frame
+curves, a prediction grid and GIF).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from .metrics import FrameMetrics, MetricAccumulator
-from .precision import autocast_context, check_precision
+from .checks import check_int
+from .files import write_json_atomic, write_text_atomic
+from .metrics import FrameMetrics, MetricAccumulator, markdown_table
+from .plots import plot_metric_curves, save_prediction_gif, save_prediction_grid
+from .precision import Precision, resolve_precision
+from .training.distributed import unwrap_model
 
 Predictor = Callable[[torch.Tensor, int], torch.Tensor]
 DeviceLike = Union[str, torch.device]
@@ -49,21 +56,16 @@ TRIVIAL_PREDICTORS: Dict[str, Predictor] = {
 }
 
 
-def model_predictor(model: nn.Module, device: DeviceLike, precision: str = "fp32") -> Predictor:
+def model_predictor(model: nn.Module, device: DeviceLike,
+                    precision: Union[str, Precision] = "fp32") -> Predictor:
     """The model as a predictor: no gradients, autocast of ``precision``, float32 output."""
-    device = check_precision(precision, device)
+    precision = resolve_precision(precision, device)
 
     def predict(inputs: torch.Tensor, future_frames: int) -> torch.Tensor:
-        with torch.no_grad(), autocast_context(device, precision):
+        with torch.no_grad(), precision.autocast():
             return model(inputs, future_frames).float()
 
     return predict
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel's forward would broadcast buffers and arm gradient hooks; an
-    # evaluation needs neither, and the ranks may run different numbers of batches.
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -152,9 +154,8 @@ def evaluate_predictors(
     """
     if not predictors:
         raise ValueError("predictors is empty: nothing to evaluate")
-    for name, value in (("input_frames", input_frames), ("future_frames", future_frames)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_int("input_frames", input_frames)
+    check_int("future_frames", future_frames)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     device = torch.device(device)
@@ -221,7 +222,7 @@ def evaluate(
         The model's summary (see :meth:`~.metrics.MetricAccumulator.summary`), with
         ``precision`` recorded; or the dict of summaries described under ``trivial``.
     """
-    network = _unwrap(model)
+    network = unwrap_model(model)
     predictors: Dict[str, Predictor] = {"model": model_predictor(network, device, precision)}
     if trivial:
         predictors.update(TRIVIAL_PREDICTORS)
@@ -234,29 +235,17 @@ def evaluate(
         )
     finally:
         network.train(was_training)
-    summaries["model"]["precision"] = precision
+    summaries["model"]["precision"] = resolve_precision(precision, device).name
     return summaries if trivial else summaries["model"]
 
 
-def trivial_predictor_summaries(
-    loader,
-    *,
-    input_frames: int,
-    future_frames: int,
-    metrics: FrameMetrics,
-    device: DeviceLike = "cpu",
-    max_batches: Optional[int] = None,
-    progress: bool = False,
-    **extra,
-) -> Dict[str, Dict[str, object]]:
+def trivial_predictor_summaries(loader, **options) -> Dict[str, Dict[str, object]]:
     """``{"last_frame": summary, "black_frame": summary}`` over ``loader``.
 
-    Parameters as in :func:`evaluate_predictors`.
+    ``options`` as in :func:`evaluate_predictors` (``input_frames``, ``future_frames`` and
+    ``metrics`` are required).
     """
-    return evaluate_predictors(
-        TRIVIAL_PREDICTORS, loader, input_frames=input_frames, future_frames=future_frames,
-        metrics=metrics, device=device, max_batches=max_batches, progress=progress, **extra,
-    )
+    return evaluate_predictors(TRIVIAL_PREDICTORS, loader, **options)
 
 
 def first_batch_predictions(
@@ -278,7 +267,7 @@ def first_batch_predictions(
     """
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-    network = _unwrap(model)
+    network = unwrap_model(model)
     batch = next(iter(loader), None)
     if batch is None:
         raise ValueError("the loader gave no batches")
@@ -349,3 +338,69 @@ def evaluation_loader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
         pin_memory=pin_memory, drop_last=False, persistent_workers=False,
     )
+
+
+# ----------------------------------------------------------------------------- reports
+
+#: Columns of the comparison table: (summary key, title).
+_COMPARED = (("mse_x1e3", "MSE x1e3"), ("mse_sum", "MSE / frame"), ("mae", "MAE"),
+             ("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips_x1e3", "LPIPS x1e3"))
+#: Readable names of the predictors.
+PREDICTOR_LABELS = {"model": "model", "last_frame": "repeat last input frame",
+                    "black_frame": "black frame"}
+
+
+def comparison_table(summaries: Mapping[str, Mapping[str, object]]) -> str:
+    """Markdown: the mean of each metric for the model and the trivial predictors."""
+    first = summaries["model"]
+    keys = [(k, t) for k, t in _COMPARED if k in first["metrics"]]
+    lines = ["| predictor | " + " | ".join(t for _, t in keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+    for name, summary in summaries.items():
+        cells = [f"{summary['metrics'][k]['mean']:.4f}" for k, _ in keys]
+        lines.append(f"| {PREDICTOR_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (
+        f"\n\n{first['n_sequences']} sequences, {first['input_frames']} -> "
+        f"{first['future_frames']} frames; means over sequences and future frames.\n")
+
+
+def write_evaluation(out_dir: Union[str, Path], summaries: Mapping[str, Mapping[str, object]],
+                     figures: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, title: str,
+                     figure_samples: int = 4) -> List[Path]:
+    """metrics.json, metrics.md, curves.png, predictions.png and predictions.gif in ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : str or pathlib.Path
+        Where the files go (created if needed).
+    summaries : dict
+        ``{"model": ..., "last_frame": ..., "black_frame": ...}`` from :func:`evaluate`
+        with ``trivial=True``.
+    figures : (inputs, truth, predictions)
+        From :func:`first_batch_predictions`.
+    title : str
+        Heading of the markdown and the figures.
+    figure_samples : int
+        Sequences drawn in the grid and the GIF.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written.
+    """
+    out_dir = Path(out_dir)
+    markdown = [f"# {title}", "", comparison_table(summaries),
+                markdown_table(summaries["model"], "model")]
+    for name in ("last_frame", "black_frame"):
+        markdown.append(markdown_table(summaries[name], PREDICTOR_LABELS[name]))
+    inputs, truth, prediction = figures
+    curves = {PREDICTOR_LABELS.get(name, name): summary for name, summary in summaries.items()}
+    return [
+        write_json_atomic(out_dir / "metrics.json", summaries),
+        write_text_atomic(out_dir / "metrics.md", "\n".join(markdown)),
+        plot_metric_curves(out_dir / "curves.png", curves, title=title),
+        save_prediction_grid(out_dir / "predictions.png", inputs, truth, prediction,
+                             max_samples=figure_samples, title=title),
+        save_prediction_gif(out_dir / "predictions.gif", inputs, truth, prediction,
+                            max_samples=figure_samples),
+    ]

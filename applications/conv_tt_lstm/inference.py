@@ -1,12 +1,14 @@
 """Inference helpers: load any checkpoint, read a user's frames, fit them to the model, predict.
 
-* :func:`load_model`: our checkpoints (:func:`~.model.save_checkpoint`) and the paper
-  release's (:func:`~.model.load_nvlabs_checkpoint`), told apart by their content.
+* :func:`load_model`: our checkpoints (:func:`~.checkpoint.save_checkpoint`) and the paper
+  release's (:func:`~.nvlabs.load_nvlabs_checkpoint`), told apart by their content.
 * :func:`read_input_frames`: a user's ``.npz`` / ``.npy`` or folder of frame images as float
   ``[N, T, C, H, W]`` in ``[0, 1]``.
 * :func:`fit_frames`: converts channels (RGB <-> gray) and resizes to what the model takes,
   with a clear error when the frame size does not suit its ``patch_size``.
 * :func:`predict_frames`: batched rollout on a device under a chosen precision.
+* :func:`predict_file`: all of the above for a file or folder of frames, writing the
+  predictions (npy, one PNG per frame, GIF and grid, ``predict.json``).
 """
 
 from __future__ import annotations
@@ -14,22 +16,30 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import (
+from tt_conv.profile import count_parameters
+
+from .checkpoint import (
     CHECKPOINT_FORMAT,
-    ArchitectureConfig,
+    RESERVED_KEYS,
     CheckpointError,
-    VideoPredictionNetwork,
     load_checkpoint,
-    load_nvlabs_checkpoint,
+    read_file,
 )
-from .precision import autocast_context, check_precision
+from .data.sequence_files import NPZ_KEY
+from .files import atomic_path, write_json_atomic
+from .model import ArchitectureConfig, VideoPredictionNetwork
+from .nvlabs import load_nvlabs_checkpoint
+from .plots import save_prediction_gif, save_prediction_grid, save_sequence_figures
+from .precision import resolve_precision
+from .training.distributed import choose_device
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -60,7 +70,7 @@ def load_model(
     Parameters
     ----------
     path : str or os.PathLike
-        A ``torch.save`` file: our format (``format`` = :data:`~.model.CHECKPOINT_FORMAT`) or
+        A ``torch.save`` file: our format (``format`` = :data:`~.checkpoint.CHECKPOINT_FORMAT`) or
         the release's state dict (optionally under ``model_state_dict``).
     device : str or torch.device
         Where the model goes.
@@ -80,14 +90,7 @@ def load_model(
         Missing or unreadable file, or weights that fit no architecture.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
-    if not isinstance(content, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(content).__name__}, not a dict")
+    content = read_file(path)
     info: Dict[str, Any] = {"checkpoint": str(path)}
     if content.get("format") == CHECKPOINT_FORMAT:
         if output_sigmoid is not None:
@@ -98,14 +101,14 @@ def load_model(
         model, checkpoint = load_checkpoint(content)
         info["layout"] = "tt-conv"
         for key, value in checkpoint.items():
-            if key not in ("format", "version", "architecture", "state_dict") and _plain(value):
+            if key not in RESERVED_KEYS and _plain(value):
                 info[key] = value
     else:
         arch = {} if output_sigmoid is None else {"output_sigmoid": bool(output_sigmoid)}
         model = load_nvlabs_checkpoint(content, **arch)
         info["layout"] = "release"
     info["architecture"] = model.config.to_dict()
-    info["parameters"] = sum(p.numel() for p in model.parameters())
+    info["parameters"] = count_parameters(model)
     return model.to(device).eval(), info
 
 
@@ -200,7 +203,6 @@ def _to_ntchw(array: np.ndarray, layout: str, path: Path) -> np.ndarray:
 
 def _read_array(path: Path) -> Tuple[np.ndarray, Optional[str]]:
     """The array of an .npy, or of an .npz (the release's ``data`` key, or its only array)."""
-    from .data.sequence_files import NPZ_KEY
 
     try:
         if path.suffix.lower() == ".npz" or zipfile.is_zipfile(path):
@@ -325,13 +327,113 @@ def predict_frames(
     """
     from tqdm.auto import tqdm
 
-    device = check_precision(precision, device)
+    precision = resolve_precision(precision, device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     outputs = []
-    with torch.no_grad(), autocast_context(device, precision):
+    with torch.no_grad(), precision.autocast():
         for begin in tqdm(range(0, len(frames), batch_size), desc="predict", unit="batch",
                           disable=not progress):
             batch = frames[begin:begin + batch_size].to(device)
             outputs.append(model(batch, future_frames).float().clamp(0.0, 1.0).cpu())
     return torch.cat(outputs)
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+@dataclass(frozen=True)
+class PredictionFiles:
+    """What :func:`predict_file` predicted and wrote."""
+
+    sequences: int
+    input_frames: int
+    future_frames: int
+    frame_shape: Tuple[int, int, int]
+    written: List[Path]
+
+
+def predict_file(checkpoint: PathLike, source: PathLike, future_frames: int, out: PathLike, *,
+                 input_frames: Optional[int] = None, layout: str = "auto",
+                 size: Optional[Sequence[int]] = None, batch_size: int = 8,
+                 device: str = "auto", precision: str = "fp32",
+                 release_output_sigmoid: bool = False, figure_samples: int = 4,
+                 frame_pngs: bool = True, progress: bool = False) -> PredictionFiles:
+    """A checkpoint's predictions of the ``future_frames`` after the frames of ``source``.
+
+    Frames are read (:func:`read_input_frames`), fitted to the model (:func:`fit_frames`:
+    channels, ``size``), and the first ``input_frames`` (default: all) are given to the
+    model; the following ones, when they cover the whole horizon, are drawn as the truth.
+    Writes to ``out``: ``predictions.npy`` (float32 ``[N, future, C, H, W]`` in ``[0, 1]``),
+    ``frames/seq{n}/frame_{t}.png`` (``t`` counting from the first input frame),
+    ``predictions.gif``, ``predictions.png`` and ``predict.json``.
+
+    Raises
+    ------
+    CheckpointError, InputFramesError, PrecisionError, ValueError
+        Bad input, each naming what to change.
+    """
+    device = choose_device(device)
+    resolve_precision(precision, device)
+    model, info = load_model(checkpoint, device=device,
+                             output_sigmoid=True if release_output_sigmoid else None)
+    frames = fit_frames(read_input_frames(source, layout), model.config,
+                        None if size is None else tuple(size))
+    given = frames.shape[1]
+    k = given if input_frames is None else input_frames
+    if k > given:
+        raise InputFramesError(f"--input-frames {k}, but {source} holds {given} frame(s) per "
+                               f"sequence")
+    inputs, truth = frames[:, :k], frames[:, k:k + future_frames]
+    prediction = predict_frames(model, inputs, future_frames, batch_size=batch_size,
+                                device=device, precision=precision, progress=progress)
+    out = Path(out)
+    written = [write_npy(out / "predictions.npy", prediction.numpy())]
+    if frame_pngs:
+        written.append(write_frame_pngs(out / "frames", prediction, first_number=k + 1))
+    written += write_figures(out, inputs, truth, prediction, figure_samples)
+    written.append(write_json_atomic(out / "predict.json", {
+        "checkpoint": str(checkpoint), "checkpoint_layout": info["layout"],
+        "architecture": info["architecture"], "input": str(source),
+        "sequences": int(inputs.shape[0]), "input_frames": k, "future_frames": future_frames,
+        "frame_shape": list(inputs.shape[2:]), "precision": precision, "device": str(device),
+        "predictions": "predictions.npy: float32 [N, future_frames, C, H, W] in [0, 1]",
+    }))
+    return PredictionFiles(int(inputs.shape[0]), k, future_frames, tuple(inputs.shape[2:]),
+                           written)
+
+
+def write_npy(path: PathLike, array: np.ndarray) -> Path:
+    """``array`` as an .npy file, atomically."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        np.lib.format.write_array(handle, np.ascontiguousarray(array), allow_pickle=False)
+    return Path(path)
+
+
+def write_frame_pngs(folder: PathLike, prediction: torch.Tensor, first_number: int) -> Path:
+    """One 8-bit PNG per predicted frame: ``seq{n:04d}/frame_{t:04d}.png``."""
+    from PIL import Image
+
+    frames = np.rint(prediction.numpy() * 255).astype(np.uint8)  # [N, T, C, H, W]
+    for n, sequence in enumerate(frames):
+        for t, frame in enumerate(sequence):
+            image = frame[0] if frame.shape[0] == 1 else np.moveaxis(frame, 0, -1)
+            name = Path(folder) / f"seq{n:04d}" / f"frame_{first_number + t:04d}.png"
+            with atomic_path(name) as temporary:
+                Image.fromarray(image).save(temporary)
+    return Path(folder)
+
+
+def write_figures(out: PathLike, inputs: torch.Tensor, truth: torch.Tensor,
+                  prediction: torch.Tensor, samples: int) -> List[Path]:
+    """predictions.gif and predictions.png: against the truth when the input holds all of it."""
+    out = Path(out)
+    if truth.shape[1] == prediction.shape[1]:
+        return [
+            save_prediction_gif(out / "predictions.gif", inputs, truth, prediction,
+                                max_samples=samples),
+            save_prediction_grid(out / "predictions.png", inputs, truth, prediction,
+                                 max_samples=samples),
+        ]
+    return save_sequence_figures(out / "predictions.gif", out / "predictions.png", inputs,
+                                 prediction, max_samples=samples)

@@ -41,6 +41,9 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .checks import check_choice
+from .files import write_json_atomic, write_text_atomic
+
 #: Names of the per-frame metrics, in the order tables list them.
 METRIC_NAMES = ("mse", "mse_sum", "mae", "mae_sum", "psnr", "ssim", "lpips")
 
@@ -157,8 +160,7 @@ def lpips_backbone_file(net: str = "alex") -> Path:
     ``torch.hub.get_dir()/checkpoints/<file name of the weights URL>``; the hub folder is
     ``$TORCH_HOME/hub`` (default ``~/.cache/torch/hub``).
     """
-    if net not in LPIPS_BACKBONE_WEIGHTS:
-        raise ValueError(f"net must be one of {sorted(LPIPS_BACKBONE_WEIGHTS)}, got {net!r}")
+    check_choice("net", net, sorted(LPIPS_BACKBONE_WEIGHTS))
     url = LPIPS_BACKBONE_WEIGHTS[net]
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
@@ -490,8 +492,6 @@ def write_metrics(
     title: Optional[str] = None,
 ) -> Tuple[Path, Path]:
     """Write ``{stem}.json`` and ``{stem}.md`` in ``out_dir`` atomically; return both paths."""
-    from .atomic import write_json_atomic, write_text_atomic
-
     out_dir = Path(out_dir)
     json_path = write_json_atomic(out_dir / f"{stem}.json", dict(summary))
     markdown_path = write_text_atomic(out_dir / f"{stem}.md", markdown_table(summary, title))

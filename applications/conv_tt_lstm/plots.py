@@ -13,7 +13,7 @@ from typing import List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .atomic import atomic_path
+from .files import atomic_path
 
 ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821 (torch is optional here)
 PathLike = Union[str, Path]
@@ -57,6 +57,31 @@ def _check_sequences(inputs: ArrayLike, truth: ArrayLike, prediction: ArrayLike)
     return inputs, truth, prediction
 
 
+def new_figure(width: float, height: float):
+    """A matplotlib ``Figure`` of ``width x height`` inches on its own Agg canvas.
+
+    No pyplot, no global backend switched, no display needed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure, path: PathLike, *, title: Optional[str] = None,
+                legend_axis=None) -> Path:
+    """Write ``figure`` as a PNG to ``path`` atomically (with a legend and a title if given)."""
+    if legend_axis is not None:
+        legend_axis.legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100)
+    return Path(path)
+
+
 def _summaries(runs: Mapping) -> Mapping[str, Mapping]:
     # One summary (it has "metrics") or a mapping label -> summary.
     return {"": runs} if "metrics" in runs else runs
@@ -85,17 +110,13 @@ def plot_metric_curves(
     first_frame : int
         Number of the first future frame on the x axis (1, or input_frames + 1).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     runs = _summaries(runs)
     if not runs:
         raise ValueError("runs is empty: nothing to plot")
     present = [(key, label) for key, label in curves if any(key in run["metrics"] for run in runs.values())]
     if not present:
         raise ValueError(f"none of {[key for key, _ in curves]} is in the summaries")
-    figure = Figure(figsize=(4.0 * len(present), 3.2), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(4.0 * len(present), 3.2)
     axes = figure.subplots(1, len(present), squeeze=False)[0]
     for axis, (key, label) in zip(axes, present):
         for run_label, run in runs.items():
@@ -107,13 +128,7 @@ def plot_metric_curves(
         axis.set_xlabel("future frame")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
-    if any(runs):
-        axes[0].legend(fontsize="small")
-    if title:
-        figure.suptitle(title)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100)
-    return Path(path)
+    return save_figure(figure, path, title=title, legend_axis=axes[0] if any(runs) else None)
 
 
 def _strip(frames: np.ndarray, columns: int, gap: int) -> np.ndarray:
@@ -123,6 +138,31 @@ def _strip(frames: np.ndarray, columns: int, gap: int) -> np.ndarray:
     for t, frame in enumerate(frames[:columns]):
         strip[:, t * (width + gap) : t * (width + gap) + width] = frame
     return strip
+
+
+def _save_strips(path: PathLike, rows: Sequence[tuple], columns: int,
+                 title: Optional[str] = None) -> Path:
+    """PNG of labelled strips of frames: ``rows`` of ``(label, frames [T, H, W, C], first)``,
+    each frame numbered from ``first + 1``."""
+    height, width = rows[0][1].shape[1:3]
+    gap = max(1, width // 16)
+    strip_width = columns * (width + gap) - gap
+    # About 0.8 inch per frame keeps 64 x 64 frames at their pixel size or larger.
+    inch = 0.8 / width  # inches per pixel
+    figure = new_figure(1.2 + strip_width * inch, 0.3 + len(rows) * (height * inch + 0.25))
+    axes = figure.subplots(len(rows), 1, squeeze=False)[:, 0]
+    for axis, (label, frames, first) in zip(axes, rows):
+        strip = _strip(frames, columns, gap)
+        axis.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0.0,
+                    vmax=1.0, interpolation="nearest")
+        centres = np.arange(len(frames)) * (width + gap) + width / 2
+        axis.set_xticks(centres, [str(first + t + 1) for t in range(len(frames))], fontsize=6)
+        axis.set_yticks([])
+        axis.set_ylabel(label, rotation=0, ha="right", va="center")
+        axis.tick_params(length=0)
+        for spine in axis.spines.values():
+            spine.set_visible(False)
+    return save_figure(figure, path, title=title)
 
 
 def save_prediction_grid(
@@ -148,16 +188,10 @@ def save_prediction_grid(
     title : str, optional
         Figure title.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     inputs, truth, prediction = _check_sequences(inputs, truth, prediction)
     n_samples = min(max_samples, inputs.shape[0])
     if n_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-    height, width = inputs.shape[2:4]
-    gap = max(1, width // 16)
-    columns = max(inputs.shape[1], truth.shape[1])
     rows = []
     for b in range(n_samples):
         rows += [
@@ -165,33 +199,7 @@ def save_prediction_grid(
             ("truth", truth[b], inputs.shape[1]),
             ("prediction", prediction[b], inputs.shape[1]),
         ]
-    strip_width = columns * (width + gap) - gap
-    # About 0.8 inch per frame keeps 64 x 64 frames at their pixel size or larger.
-    scale = 0.8 / width  # inches per pixel
-    figure = Figure(
-        figsize=(1.2 + strip_width * scale, 0.3 + len(rows) * (height * scale + 0.25)),
-        layout="constrained",
-    )
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(len(rows), 1, squeeze=False)[:, 0]
-    for axis, (label, frames, first) in zip(axes, rows):
-        strip = _strip(frames, columns, gap)
-        axis.imshow(
-            strip[..., 0] if strip.shape[-1] == 1 else strip,
-            cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest",
-        )
-        centres = np.arange(len(frames)) * (width + gap) + width / 2
-        axis.set_xticks(centres, [str(first + t + 1) for t in range(len(frames))], fontsize=6)
-        axis.set_yticks([])
-        axis.set_ylabel(label, rotation=0, ha="right", va="center")
-        axis.tick_params(length=0)
-        for spine in axis.spines.values():
-            spine.set_visible(False)
-    if title:
-        figure.suptitle(title)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100)
-    return Path(path)
+    return _save_strips(path, rows, max(inputs.shape[1], truth.shape[1]), title)
 
 
 def _write_gif(path: PathLike, grid: List[List[np.ndarray]], n_inputs: int, fps: float,
@@ -226,15 +234,15 @@ def _write_gif(path: PathLike, grid: List[List[np.ndarray]], n_inputs: int, fps:
                        duration=int(round(1000 / fps)), loop=0, optimize=False)
 
 
-def save_prediction_gif(
-    path: PathLike,
-    inputs: ArrayLike,
-    truth: ArrayLike,
-    prediction: ArrayLike,
-    max_samples: int = 4,
-    fps: float = 4.0,
-    scale: int = 2,
-) -> Path:
+def _check_animation(fps: float, scale: int, max_samples: int) -> None:
+    if fps <= 0 or scale < 1 or max_samples < 1:
+        raise ValueError(f"need fps > 0, scale >= 1 and max_samples >= 1, got {fps}, {scale}, "
+                         f"{max_samples}")
+
+
+def save_prediction_gif(path: PathLike, inputs: ArrayLike, truth: ArrayLike,
+                        prediction: ArrayLike, max_samples: int = 4, fps: float = 4.0,
+                        scale: int = 2) -> Path:
     """Animated GIF: per sample, ground truth (left) beside the model's view (right).
 
     Both panels play the input frames first, then the left one the true future and the right
@@ -255,8 +263,7 @@ def save_prediction_gif(
         Integer upscaling (nearest neighbour) so that small frames stay visible.
     """
     inputs, truth, prediction = _check_sequences(inputs, truth, prediction)
-    if fps <= 0 or scale < 1 or max_samples < 1:
-        raise ValueError(f"need fps > 0, scale >= 1 and max_samples >= 1, got {fps}, {scale}, {max_samples}")
+    _check_animation(fps, scale, max_samples)
     n_samples = min(max_samples, inputs.shape[0])
     left = np.concatenate([inputs, truth], axis=1)[:n_samples]
     right = np.concatenate([inputs, prediction], axis=1)[:n_samples]
@@ -265,58 +272,27 @@ def save_prediction_gif(
     return Path(path)
 
 
-def save_sequence_figures(
-    gif_path: PathLike,
-    png_path: PathLike,
-    inputs: ArrayLike,
-    prediction: ArrayLike,
-    max_samples: int = 4,
-    fps: float = 4.0,
-    scale: int = 2,
-) -> List[Path]:
+def save_sequence_figures(gif_path: PathLike, png_path: PathLike, inputs: ArrayLike,
+                          prediction: ArrayLike, max_samples: int = 4, fps: float = 4.0,
+                          scale: int = 2) -> List[Path]:
     """A GIF and a PNG grid of inputs followed by predictions, when no truth is known.
 
     The GIF plays each sample's inputs (green bar) then its predictions (red bar), samples
     side by side; the PNG has a row of inputs and a row of predictions per sample.
     ``inputs`` ``[(B,) T_in, C, H, W]`` and ``prediction`` ``[(B,) T_out, C, H, W]``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     inputs, prediction = _as_batch(inputs, "inputs"), _as_batch(prediction, "prediction")
     if inputs.shape[0] != prediction.shape[0] or inputs.shape[2:] != prediction.shape[2:]:
         raise ValueError(f"inputs {inputs.shape} and prediction {prediction.shape} must share "
                          "batch and frame size")
-    if fps <= 0 or scale < 1 or max_samples < 1:
-        raise ValueError(f"need fps > 0, scale >= 1 and max_samples >= 1, got {fps}, {scale}, {max_samples}")
+    _check_animation(fps, scale, max_samples)
     n_samples = min(max_samples, inputs.shape[0])
     sequence = np.concatenate([inputs, prediction], axis=1)[:n_samples]
     _write_gif(gif_path, [list(sequence)], inputs.shape[1], fps, scale)
 
-    height, width = sequence.shape[2:4]
-    gap = max(1, width // 16)
-    columns = max(inputs.shape[1], prediction.shape[1])
     rows = []
     for b in range(n_samples):
         rows += [(f"input {b + 1}" if n_samples > 1 else "input", inputs[b], 0),
                  ("prediction", prediction[b], inputs.shape[1])]
-    strip_width = columns * (width + gap) - gap
-    inch = 0.8 / width
-    figure = Figure(figsize=(1.2 + strip_width * inch, 0.3 + len(rows) * (height * inch + 0.25)),
-                    layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(len(rows), 1, squeeze=False)[:, 0]
-    for axis, (label, frames, first) in zip(axes, rows):
-        strip = _strip(frames, columns, gap)
-        axis.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0.0,
-                    vmax=1.0, interpolation="nearest")
-        centres = np.arange(len(frames)) * (width + gap) + width / 2
-        axis.set_xticks(centres, [str(first + t + 1) for t in range(len(frames))], fontsize=6)
-        axis.set_yticks([])
-        axis.set_ylabel(label, rotation=0, ha="right", va="center")
-        axis.tick_params(length=0)
-        for spine in axis.spines.values():
-            spine.set_visible(False)
-    with atomic_path(png_path) as temporary:
-        figure.savefig(temporary, dpi=100)
+    _save_strips(png_path, rows, max(inputs.shape[1], prediction.shape[1]))
     return [Path(gif_path), Path(png_path)]

@@ -31,7 +31,8 @@ from .._geometry import (
     padding_pairs,
     torch_pad_argument,
 )
-from ..rank import check_factorization, resolve_rank
+from .._checks import check_factorization, check_finite
+from ..rank import resolve_rank
 
 IMPLEMENTATIONS = ("auto", "factorized", "reconstructed")
 
@@ -135,6 +136,11 @@ class FactorizedConv(nn.Module):
         if factorization is not None:
             cls.factorization = factorization
             FactorizedConv._registry[factorization] = cls
+
+    @staticmethod
+    def class_for(factorization: str) -> Type["FactorizedConv"]:
+        """The layer class of a factorization (``"cp"`` -> :class:`~tt_conv.CPConv`, ...)."""
+        return FactorizedConv._registry[check_factorization(factorization)]
 
     def __init__(
         self,
@@ -365,7 +371,7 @@ class FactorizedConv(nn.Module):
                 f"kernel has shape {tuple(kernel.shape)}, expected {self.weight_shape} for this "
                 f"layer"
             )
-        _decompose.check_finite(kernel, "kernel")
+        check_finite(kernel, "kernel")
         groups = kernel.reshape(self.groups, *self.group_kernel_shape)
         per_group = [self._decompose_group(groups[g], **options) for g in range(self.groups)]
         with torch.no_grad():
@@ -417,7 +423,7 @@ class FactorizedConv(nn.Module):
         return y if batched else y.squeeze(0)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        if self._channels_last_chain:
+        if self._channels_last_chain and not has_unit_spatial_axis(x):
             # oneDNN (CPU) and cuDNN run pointwise and depthwise convolutions far faster on
             # channels-last activations; the values are the same whatever the layout.
             if x.dim() == 4:
@@ -431,6 +437,11 @@ class FactorizedConv(nn.Module):
             # every padding mode and touches the fewest channels.
             if i == 1 and self._explicit_pad:
                 x = F.pad(x, self._pad, mode=self._pad_mode)
+            if has_unit_spatial_axis(x):
+                # Channels-last activations with a spatial axis of size 1 are where PyTorch's
+                # CPU convolution was seen to read memory it never wrote (NaN outputs now
+                # and then; see docs/user_guide/layers.rst): such stages run contiguous.
+                x = x.contiguous()
             bias = self.bias if i == last else None
             x = conv_nd(x, weight, bias, self._stage_stride[i], self._stage_padding[i],
                         self._stage_dilation[i], self._stage_groups[i])
@@ -634,7 +645,7 @@ class FactorizedConv(nn.Module):
                     "factorization is required with FactorizedConv.from_conv: one of "
                     f"{sorted(FactorizedConv._registry)}"
                 )
-            target = FactorizedConv._registry[check_factorization(factorization)]
+            target = FactorizedConv.class_for(factorization)
         else:
             if factorization is not None and check_factorization(factorization) != cls.factorization:
                 raise ValueError(
@@ -668,6 +679,17 @@ class FactorizedConv(nn.Module):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
         return s + f", rank={self.rank}, implementation={self.implementation!r}"
+
+
+def has_unit_spatial_axis(x: torch.Tensor) -> bool:
+    """Whether a 4-D or 5-D activation has a spatial axis of size 1 (e.g. a 1-D signal run
+    through 2-D convolutions as ``(N, C, L, 1)``), where channels-last is not used."""
+    if x.dim() < 4:
+        return False
+    for size in x.shape[2:]:
+        if size == 1:
+            return True
+    return False
 
 
 def conv_geometry(conv: nn.Module) -> Tuple[dict, torch.Tensor, Optional[torch.Tensor]]:

@@ -3,7 +3,7 @@
 Reads a Conv-TT-LSTM checkpoint in the release's layout (``{"model_state_dict": ...}`` or a
 bare state dict, optional ``module.`` prefix, Conv3d or Conv2d window convolutions), infers
 the architecture from its shapes and writes our checkpoint (architecture + state dict),
-atomically. Load it with ``applications.conv_tt_lstm.model.load_checkpoint``.
+atomically. Load it with ``applications.conv_tt_lstm.checkpoint.load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import os
 
-    from ..model import CheckpointError, load_nvlabs_checkpoint, save_checkpoint
+    from tt_conv.profile import count_parameters
+
+    from ..checkpoint import CheckpointError, save_checkpoint
+    from ..nvlabs import load_nvlabs_checkpoint
 
     if os.path.exists(args.output) and not args.force:
         raise CommandError(f"{args.output} exists (pass --force to overwrite it)")
@@ -42,6 +45,6 @@ def run(args) -> int:
         raise CommandError(f"{args.input}: {error}") from None
     save_checkpoint(args.output, model, source={"converted_from": os.path.abspath(args.input),
                                                 "layout": "NVlabs conv-tt-lstm release"})
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     print(f"wrote {args.output}: {model.config} ({n_params:,} parameters)")
     return 0

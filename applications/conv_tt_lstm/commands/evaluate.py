@@ -16,15 +16,15 @@ writes the files.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from ..cli import CommandError
+from ..cli import CommandError, input_errors
 from .prepare import positive
 
 
 def register(subparsers) -> None:
     """Add this command's parser to ``subparsers`` (see ``cli.py``)."""
+    from ..precision import PRECISION_CHOICES
     parser = subparsers.add_parser(
         "evaluate",
         help="metrics, curves and GIF of a checkpoint on a test set",
@@ -56,7 +56,7 @@ def register(subparsers) -> None:
     run_group.add_argument("--batch-size", type=positive, default=16)
     run_group.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     run_group.add_argument("--device", help="default: cuda (this rank's GPU) if available, else cpu")
-    run_group.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    run_group.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
                            help="autocast of the model's forward (fp16: CUDA only)")
     run_group.add_argument("--max-batches", type=positive, help="stop after this many batches")
     run_group.add_argument("--release-output-sigmoid", action="store_true",
@@ -78,139 +78,30 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _distributed_setup(device_arg):
-    """(device, rank, world size), joining the process group when run under torchrun."""
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and device_arg in (None, "cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
-    if device_arg is not None and device_arg != "cuda":
-        device = torch.device(device_arg)
-    elif device_arg == "cuda" or torch.cuda.is_available():
-        # Each rank its own GPU.
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device, rank, world
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from ..data.factory import DatasetSpec
+    from ..evaluation import comparison_table
+    from ..prediction import evaluate_checkpoint
 
-    from ..data.factory import DatasetSpec, build_video_dataset, sample_shape
-    from ..data.sequence_files import DatasetFileError
-    from ..evaluation import evaluate, evaluation_loader, first_batch_predictions
-    from ..inference import load_model
-    from ..metrics import FrameMetrics
-    from ..model import CheckpointError
-    from ..precision import check_precision
-
-    device, rank, world = _distributed_setup(args.device)
-    try:
-        check_precision(args.precision, device)
-        model, info = load_model(args.checkpoint, device=device,
-                                 output_sigmoid=True if args.release_output_sigmoid else None)
-    except (CheckpointError, ValueError) as error:
-        raise CommandError(str(error)) from None
-    config = model.config
+    lengths = None if args.sequences is None else {args.split: args.sequences}
     try:
         spec = DatasetSpec(
             name=args.dataset, data_root=args.data_root, input_frames=args.input_frames,
             future_frames=args.future_frames, image_size=args.image_size, digits=args.digits,
-            seed=args.seed, lengths=None if args.sequences is None else {args.split: args.sequences},
-            mnist_dir=args.mnist_dir, kth_val_persons=tuple(args.kth_val_persons),
-        )
-        dataset = build_video_dataset(spec, args.split)
-    except (FileNotFoundError, DatasetFileError, ValueError) as error:
+            seed=args.seed, lengths=lengths, mnist_dir=args.mnist_dir,
+            kth_val_persons=tuple(args.kth_val_persons))
+        result = evaluate_checkpoint(
+            args.checkpoint, spec, args.split, out_dir=args.out, batch_size=args.batch_size,
+            num_workers=args.workers, device=args.device or "auto", precision=args.precision,
+            max_batches=args.max_batches, release_output_sigmoid=args.release_output_sigmoid,
+            ssim_data_range=args.ssim_data_range, lpips=args.lpips,
+            figure_samples=args.figure_samples, progress=not args.no_progress)
+    except input_errors() as error:
         raise CommandError(str(error)) from None
-    channels, height, width = sample_shape(dataset)[1:]
-    if channels != config.image_channels:
-        raise CommandError(f"the model takes {config.image_channels} channel(s), the "
-                           f"{args.dataset} frames have {channels}")
-    if height % config.patch_size or width % config.patch_size:
-        raise CommandError(f"{height} x {width} frames are not divisible by the model's "
-                           f"patch_size {config.patch_size}; choose another --image-size")
-
-    out_dir = args.out or args.checkpoint.parent / (
-        f"eval-{args.dataset}-{args.split}-{args.input_frames}to{args.future_frames}")
-    metrics = FrameMetrics.create(device, ssim_data_range=args.ssim_data_range, lpips=args.lpips)
-    if args.lpips and metrics.lpips is None and rank == 0:
-        print(f"note: {metrics.notes[0]}")
-    loader = evaluation_loader(dataset, args.batch_size, num_workers=args.workers,
-                               pin_memory=device.type == "cuda")
-    context = dict(
-        checkpoint=str(args.checkpoint), checkpoint_layout=info["layout"],
-        architecture=info["architecture"], parameters=info["parameters"],
-        dataset=spec.to_dict(), split=args.split, device_name=str(device), world_size=world,
-    )
-    summaries = evaluate(
-        model, loader, input_frames=args.input_frames, future_frames=args.future_frames,
-        metrics=metrics, device=device, precision=args.precision, max_batches=args.max_batches,
-        progress=not args.no_progress and rank == 0, trivial=True, **context,
-    )
-    if rank == 0:
-        figures = first_batch_predictions(
-            model, evaluation_loader(dataset, args.figure_samples, rank=0, world_size=1),
-            input_frames=args.input_frames, future_frames=args.future_frames, device=device,
-            precision=args.precision, max_samples=args.figure_samples)
-        paths = write_evaluation(out_dir, summaries, figures, args)
-        print(comparison_table(summaries))
-        for path in paths:
+    if result.rank == 0:
+        for note in result.notes:
+            print(f"note: {note}")
+        print(comparison_table(result.summaries))
+        for path in result.written:
             print(f"wrote {path}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
-
-
-#: Columns of the comparison table: (summary key, title).
-_COMPARED = (("mse_x1e3", "MSE x1e3"), ("mse_sum", "MSE / frame"), ("mae", "MAE"),
-             ("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips_x1e3", "LPIPS x1e3"))
-_LABELS = {"model": "model", "last_frame": "repeat last input frame", "black_frame": "black frame"}
-
-
-def comparison_table(summaries) -> str:
-    """Markdown: the mean of each metric for the model and the trivial predictors."""
-    first = summaries["model"]
-    keys = [(k, t) for k, t in _COMPARED if k in first["metrics"]]
-    lines = ["| predictor | " + " | ".join(t for _, t in keys) + " |",
-             "|---" * (len(keys) + 1) + "|"]
-    for name, summary in summaries.items():
-        cells = [f"{summary['metrics'][k]['mean']:.4f}" for k, _ in keys]
-        lines.append(f"| {_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + (
-        f"\n\n{first['n_sequences']} sequences, {first['input_frames']} -> "
-        f"{first['future_frames']} frames; means over sequences and future frames.\n")
-
-
-def write_evaluation(out_dir: Path, summaries, figures, args) -> list:
-    """metrics.json, metrics.md, curves.png, predictions.png and predictions.gif in ``out_dir``."""
-    from ..atomic import write_json_atomic, write_text_atomic
-    from ..metrics import markdown_table
-    from ..plots import plot_metric_curves, save_prediction_gif, save_prediction_grid
-
-    out_dir = Path(out_dir)
-    model = summaries["model"]
-    horizon = f"{args.input_frames} -> {args.future_frames}"
-    title = f"{Path(args.checkpoint).name} on {args.dataset} {args.split}, {horizon}"
-    markdown = [f"# {title}", "", comparison_table(summaries),
-                markdown_table(model, "model")]
-    for name in ("last_frame", "black_frame"):
-        markdown.append(markdown_table(summaries[name], _LABELS[name]))
-    inputs, truth, prediction = figures
-    paths = [
-        write_json_atomic(out_dir / "metrics.json", summaries),
-        write_text_atomic(out_dir / "metrics.md", "\n".join(markdown)),
-        plot_metric_curves(out_dir / "curves.png",
-                           {_LABELS[name]: summary for name, summary in summaries.items()},
-                           title=title),
-        save_prediction_grid(out_dir / "predictions.png", inputs, truth, prediction,
-                             max_samples=args.figure_samples, title=title),
-        save_prediction_gif(out_dir / "predictions.gif", inputs, truth, prediction,
-                            max_samples=args.figure_samples),
-    ]
-    return paths

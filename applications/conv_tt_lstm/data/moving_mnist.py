@@ -32,8 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from ..checks import check_int
+from ..files import write_json_atomic
 from .mnist_digits import DigitSet
-from .sequence_files import frames_to_tensor
+from .sequence_files import NpzSequenceWriter, frames_to_tensor
 
 #: Distance a digit moves per frame, in units of the free range ``canvas - digit``.
 STEP = 0.1
@@ -57,20 +59,47 @@ def _canvas_shape(canvas_size: SizeArg) -> Tuple[int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _check_count(value: int, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def check_digits(digits: np.ndarray, canvas_size: SizeArg, *, must_move: bool = False,
+                 option: Optional[str] = None) -> np.ndarray:
+    """``digits`` if they are a non-empty uint8 ``(N, h, w)`` array that fits the canvas.
 
+    Parameters
+    ----------
+    digits : numpy.ndarray
+        The digit images.
+    canvas_size : int or (int, int)
+        The canvas.
+    must_move : bool
+        The digits must be strictly smaller than the canvas (a digit as large as the canvas
+        has nowhere to go: every frame would touch every wall).
+    option : str, optional
+        The user's option that set the canvas (``"--canvas"``, ``"image_size"``), named in
+        the message.
 
-def _check_digits(digits: np.ndarray, canvas_size: SizeArg) -> np.ndarray:
-    if not isinstance(digits, np.ndarray) or digits.dtype != np.uint8 or digits.ndim != 3 or len(digits) == 0:
+    Raises
+    ------
+    ValueError
+        Naming the digits' and the canvas' sizes.
+    """
+    if not isinstance(digits, np.ndarray) or digits.dtype != np.uint8 or digits.ndim != 3 \
+            or len(digits) == 0:
         raise ValueError(
             f"digits must be a non-empty uint8 array (N, h, w), got "
             f"{getattr(digits, 'dtype', type(digits).__name__)} {getattr(digits, 'shape', '')}"
         )
     canvas = _canvas_shape(canvas_size)
-    if digits.shape[1] > canvas[0] or digits.shape[2] > canvas[1]:
+    height, width = digits.shape[1:]
+    if must_move:
+        too_large = height >= canvas[0] or width >= canvas[1]
+    else:
+        too_large = height > canvas[0] or width > canvas[1]
+    if too_large:
+        if option is not None:
+            shown = canvas[0] if canvas[0] == canvas[1] else f"{canvas[0]} x {canvas[1]}"
+            raise ValueError(f"{option} {shown} is smaller than the {height} x {width} digits")
+        if must_move:
+            raise ValueError(
+                f"digits of {digits.shape[1:]} need a larger canvas than {canvas} to move")
         raise ValueError(f"digits of {digits.shape[1:]} do not fit a canvas of {canvas}")
     return digits
 
@@ -97,7 +126,7 @@ def bounce_trajectory(
         float64 ``(T, K, 2)``; frame 0 is ``start``. After each move a coordinate that
         reached 0 or 1 (or went past) is clamped there and its velocity component flips.
     """
-    n_frames = _check_count(n_frames, "n_frames")
+    n_frames = check_int("n_frames", n_frames)
     position = np.array(start, dtype=np.float64)
     speed = np.array(velocity, dtype=np.float64)
     if position.ndim != 2 or position.shape[1] != 2 or speed.shape != position.shape:
@@ -176,9 +205,9 @@ def generate_sequence(
     canvas_size : int or (int, int)
         Canvas height and width (each at least the digit size).
     """
-    n_frames = _check_count(n_frames, "n_frames")
-    n_digits = _check_count(n_digits, "n_digits")
-    _check_digits(digits, canvas_size)
+    n_frames = check_int("n_frames", n_frames)
+    n_digits = check_int("n_digits", n_digits)
+    check_digits(digits, canvas_size)
     chosen = rng.integers(0, len(digits), size=n_digits)
     start = rng.random((n_digits, 2))
     angle = rng.random(n_digits) * (2.0 * math.pi)
@@ -227,14 +256,14 @@ class MovingMnistFixed(Dataset):
     ) -> None:
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        self.n_sequences = _check_count(n_sequences, "n_sequences")
+        self.n_sequences = check_int("n_sequences", n_sequences)
         self.split = split
         self.seed = int(seed)
-        self.n_frames = _check_count(n_frames, "n_frames")
-        self.n_digits = _check_count(n_digits, "n_digits")
+        self.n_frames = check_int("n_frames", n_frames)
+        self.n_digits = check_int("n_digits", n_digits)
         self.canvas_size = _canvas_shape(canvas_size)
         pool = digits.split(split) if isinstance(digits, DigitSet) else digits
-        self.digits = _check_digits(pool, self.canvas_size)
+        self.digits = check_digits(pool, self.canvas_size)
 
     def __len__(self) -> int:
         return self.n_sequences
@@ -295,19 +324,19 @@ class MovingMnistStream(IterableDataset):
     ) -> None:
         if isinstance(digits, DigitSet):
             raise TypeError("pass the training digits (DigitSet.train), not the whole DigitSet")
-        self.samples_per_epoch = _check_count(samples_per_epoch, "samples_per_epoch")
-        self.epoch = _check_count(epoch, "epoch", minimum=0)
+        self.samples_per_epoch = check_int("samples_per_epoch", samples_per_epoch)
+        self.epoch = check_int("epoch", epoch, 0)
         self.seed = int(seed)
-        self.n_frames = _check_count(n_frames, "n_frames")
-        self.n_digits = _check_count(n_digits, "n_digits")
+        self.n_frames = check_int("n_frames", n_frames)
+        self.n_digits = check_int("n_digits", n_digits)
         self.canvas_size = _canvas_shape(canvas_size)
-        self.digits = _check_digits(digits, self.canvas_size)
+        self.digits = check_digits(digits, self.canvas_size)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if rank is None:
             rank = torch.distributed.get_rank() if distributed else 0
         if world_size is None:
             world_size = torch.distributed.get_world_size() if distributed else 1
-        self.world_size = _check_count(world_size, "world_size")
+        self.world_size = check_int("world_size", world_size)
         if not 0 <= int(rank) < self.world_size:
             raise ValueError(f"rank must be in [0, {self.world_size}), got {rank}")
         self.rank = int(rank)
@@ -393,15 +422,12 @@ def prepare_moving_mnist(
     """
     from tqdm.auto import tqdm
 
-    from ..atomic import write_json_atomic
-    from .sequence_files import NpzSequenceWriter
-
     sizes = dict({"train": 10000, "val": 3000, "test": 5000} if sizes is None else sizes)
     unknown = set(sizes) - set(SPLIT_FILES)
     if unknown:
         raise ValueError(f"sizes may only name train, val and test, got {sorted(unknown)}")
     for split, size in sizes.items():
-        _check_count(size, f"sizes[{split!r}]", minimum=0)
+        check_int(f"sizes[{split!r}]", size, 0)
     height, width = _canvas_shape(canvas_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..atomic import atomic_path
+from ..files import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -58,6 +58,19 @@ def _check_frames(array: np.ndarray, path: Path, expected: str, n_dims: int) -> 
         raise DatasetFileError(f"{path}: holds an empty array of shape {tuple(array.shape)}")
 
 
+def read_npy_header(handle) -> Tuple[Tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, data offset)`` of the ``.npy`` header at ``handle``.
+
+    Raises ``ValueError`` (numpy's) for a file that is not an ``.npy``.
+    """
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+    else:
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+    return shape, fortran_order, dtype, handle.tell()
+
+
 def _memmap_stored_member(path: Path, member: str) -> Optional[np.ndarray]:
     """Memory-map an uncompressed ``.npy`` member of a zip, or ``None`` if it is deflated."""
     with zipfile.ZipFile(path) as archive:
@@ -71,12 +84,7 @@ def _memmap_stored_member(path: Path, member: str) -> Optional[np.ndarray]:
             raise DatasetFileError(f"{path}: corrupt zip (no local header for {member})")
         name_length, extra_length = fields[-2], fields[-1]
         handle.seek(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
-        version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
-        else:
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
-        offset = handle.tell()
+        shape, fortran_order, dtype, offset = read_npy_header(handle)
     if dtype.hasobject:
         raise DatasetFileError(f"{path}: member {member} holds Python objects, not frames")
     if 0 in shape:

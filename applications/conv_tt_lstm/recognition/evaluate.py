@@ -17,7 +17,8 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..atomic import atomic_path
+from ..plots import new_figure, save_figure
+from ..precision import Precision, resolve_precision
 
 PathLike = Union[str, Path]
 
@@ -31,7 +32,8 @@ def frames_seen(fraction: float, n_frames: int) -> int:
 
 @torch.no_grad()
 def accuracy_by_fraction(model: torch.nn.Module, loader, fractions: Sequence[float], *,
-                         device: Union[str, torch.device] = "cpu", precision=None,
+                         device: Union[str, torch.device] = "cpu",
+                         precision: Union[str, Precision] = "fp32",
                          top_k: int = 5, distributed: bool = False) -> Dict[str, object]:
     """Top-1 and top-k accuracy of ``model`` at each fraction of the clips of ``loader``.
 
@@ -43,7 +45,7 @@ def accuracy_by_fraction(model: torch.nn.Module, loader, fractions: Sequence[flo
     fractions : sequence of float
         In ``(0, 1]``.
     device : torch.device
-    precision : training.precision.Precision, optional
+    precision : str or Precision
         Its autocast wraps the forward pass (default: fp32).
     top_k : int
         The second accuracy (``min(top_k, classes)`` is used and reported).
@@ -56,6 +58,7 @@ def accuracy_by_fraction(model: torch.nn.Module, loader, fractions: Sequence[flo
         ``{"clips", "n_frames", "top_k", "fractions": [{"fraction", "frames", "top1",
         "topk", "loss"}, ...]}`` (accuracies in [0, 1], loss the mean cross-entropy).
     """
+    precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     correct1 = correct_k = loss_sum = None
@@ -65,9 +68,7 @@ def accuracy_by_fraction(model: torch.nn.Module, loader, fractions: Sequence[flo
         for frames, labels in loader:
             frames = frames.to(device)
             labels = torch.as_tensor(labels).to(device)
-            context = precision.autocast() if precision is not None else torch.autocast(
-                "cpu", enabled=False)
-            with context:
+            with precision.autocast():
                 logits = model(frames)
             logits = logits.float()
             if n_frames is None:
@@ -133,14 +134,10 @@ def plot_accuracy_by_fraction(path: PathLike, runs: Mapping, title: Optional[str
     chance : float, optional
         Accuracy of guessing (drawn as a dotted line).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     runs = {"": runs} if "fractions" in runs else dict(runs)
     if not runs:
         raise ValueError("runs is empty: nothing to plot")
-    figure = Figure(figsize=(8.0, 3.4), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(8.0, 3.4)
     axes = figure.subplots(1, 2)
     k = next(iter(runs.values()))["top_k"]
     for axis, key, label in ((axes[0], "top1", "top-1 accuracy (%)"),
@@ -155,10 +152,5 @@ def plot_accuracy_by_fraction(path: PathLike, runs: Mapping, title: Optional[str
         axis.set_ylabel(label)
         axis.set_ylim(0, 100)
         axis.grid(True, alpha=0.3)
-    if any(runs) or chance is not None:
-        axes[0].legend(fontsize="small")
-    if title:
-        figure.suptitle(title)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100)
-    return Path(path)
+    legend = axes[0] if any(runs) or chance is not None else None
+    return save_figure(figure, path, title=title, legend_axis=legend)

@@ -16,7 +16,6 @@ at step ``t`` depend on frames ``0..t`` only (a test checks it).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Tuple
 
@@ -24,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import ArchitectureConfig, build_cell
+from ..checkpoint import CheckpointError, load_state, read_checkpoint
+from ..checks import check_choice, check_int, check_positive_ints, from_fields, plain_fields
+from ..model import build_cell
 
 #: Model names accepted by :attr:`ClassifierConfig.model`.
 MODEL_TYPES = ("convttlstm", "convlstm", "hoconvlstm", "conv3d")
@@ -35,14 +36,6 @@ MODEL_NAMES = {
     "hoconvlstm": "full higher-order ConvLSTM",
     "conv3d": "3D CNN (causal)",
 }
-
-
-def _positive_ints(value, name: str) -> Tuple[int, ...]:
-    if isinstance(value, int) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value) \
-            or len(value) == 0:
-        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {value!r}")
-    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -83,19 +76,15 @@ class ClassifierConfig:
     temporal_kernel: int = 3
 
     def __post_init__(self):
-        if self.model not in MODEL_TYPES:
-            raise ValueError(f"model must be one of {MODEL_TYPES}, got {self.model!r}")
+        check_choice("model", self.model, MODEL_TYPES)
         object.__setattr__(self, "encoder_channels",
-                           _positive_ints(self.encoder_channels, "encoder_channels"))
+                           check_positive_ints("encoder_channels", self.encoder_channels))
         object.__setattr__(self, "hidden_channels",
-                           _positive_ints(self.hidden_channels, "hidden_channels"))
-        for name in ("n_classes", "image_channels", "kernel_size", "order", "steps", "rank",
+                           check_positive_ints("hidden_channels", self.hidden_channels))
+        for name in ("image_channels", "kernel_size", "order", "steps", "rank",
                      "temporal_kernel"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.n_classes < 2:
-            raise ValueError(f"n_classes must be at least 2, got {self.n_classes}")
+            check_int(name, getattr(self, name))
+        check_int("n_classes", self.n_classes, 2)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
         if self.model == "convttlstm" and self.steps < self.order:
@@ -108,19 +97,11 @@ class ClassifierConfig:
         return 2 ** len(self.encoder_channels)
 
     def to_dict(self) -> Dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["encoder_channels"] = list(self.encoder_channels)
-        out["hidden_channels"] = list(self.hidden_channels)
-        return out
+        return plain_fields(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ClassifierConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown classifier field(s) {unknown}; expected some of "
-                             f"{sorted(known)}")
-        return cls(**dict(values))
+        return from_fields(cls, values, "classifier")
 
 
 class FrameEncoder(nn.Module):
@@ -193,12 +174,11 @@ class RecurrentClassifier(nn.Module):
             raise ValueError("RecurrentClassifier needs a recurrent model; use Conv3dClassifier")
         self.config = config
         self.encoder = FrameEncoder(config.image_channels, config.encoder_channels)
-        cell_config = ArchitectureConfig(cell=config.model, kernel_size=config.kernel_size,
-                                         order=config.order, steps=config.steps,
-                                         rank=config.rank)
         cells, in_channels = [], self.encoder.out_channels
         for hidden in config.hidden_channels:
-            cells.append(build_cell(cell_config, in_channels, hidden))
+            cells.append(build_cell(config.model, in_channels, hidden,
+                                    kernel_size=config.kernel_size, order=config.order,
+                                    steps=config.steps, rank=config.rank))
             in_channels = hidden
         self.cells = nn.ModuleList(cells)
         self.head = PoolHead(in_channels, config.n_classes)
@@ -270,11 +250,31 @@ def build_classifier(config: ClassifierConfig) -> nn.Module:
     return RecurrentClassifier(config)
 
 
-def count_parameters(model: nn.Module) -> Dict[str, int]:
-    """Trainable parameters, in total and per top-level part (encoder, cells/convs, head)."""
-    parts: Dict[str, int] = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            part = name.split(".", 1)[0]
-            parts[part] = parts.get(part, 0) + parameter.numel()
-    return {"total": sum(parts.values()), **parts}
+# ---------------------------------------------------------------------------- checkpoints
+
+#: ``format`` of our recognition checkpoints (:mod:`~..checkpoint`'s layout).
+CHECKPOINT_FORMAT = "tt-conv/recognition-classifier"
+
+
+def load_classifier(source, map_location: Any = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild a classifier from one of our checkpoints (``last.pt`` or ``best.pt``).
+
+    Returns
+    -------
+    (model, checkpoint)
+        The classifier and the whole checkpoint dict.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, unreadable, not a recognition checkpoint, or its weights do
+        not fit its architecture.
+    """
+    saved = read_checkpoint(source, CHECKPOINT_FORMAT, map_location=map_location)
+    try:
+        config = ClassifierConfig.from_dict(saved["architecture"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"bad architecture in checkpoint: {error}") from None
+    model = build_classifier(config)
+    load_state(model, saved["state_dict"])
+    return model, saved

@@ -1,13 +1,15 @@
-"""A small, task-independent training engine.
+"""The one training skeleton that both tasks plug into, and its pieces.
 
-* :mod:`.precision`: autocast and gradient scaling for fp32 / bf16 / fp16.
-* :mod:`.distributed`: torchrun / DistributedDataParallel set-up, rank-0 helpers, reductions.
-* :mod:`.checkpoints`: atomic training checkpoints with exact resume (RNG states included).
+* :mod:`.skeleton`: :func:`~.skeleton.train_task`, a run from start to end, and the
+  :class:`~.skeleton.Task` hooks a task fills in (video prediction:
+  :mod:`applications.conv_tt_lstm.prediction`; early recognition:
+  :mod:`applications.conv_tt_lstm.recognition.task`).
+* :mod:`.config`: the sectioned configuration, ``section.field=value`` overrides, and the
+  ``run`` / ``optim`` fields the skeleton reads.
+* :mod:`.batches`: training batches by global step (exact resume).
+* :mod:`.distributed`: torchrun / DistributedDataParallel set-up, devices, threads, reductions.
+* :mod:`.checkpoints`: training state with every random stream, the run folder, resume.
 * :mod:`.logging`: tqdm on rank 0, TensorBoard scalars and images, a JSONL log.
-* :mod:`.loop`: one optimiser step (:func:`~.loop.optimizer_step`) with non-finite checks.
-* :mod:`.execution`: CPU threads and the optional ``torch.compile`` of the cells.
-
-Video prediction (``applications.conv_tt_lstm.train``) and activity recognition use it the
-same way: build the model, an optimiser, a :class:`~.precision.Precision` and a
-:class:`~.distributed.DistContext`, and call the pieces from their own readable loop.
+* :mod:`.loop`: one optimiser step (:func:`~.loop.optimizer_step`) with the non-finite stop.
+* :mod:`.schedules`: learning rate and scheduled sampling by step and validation round.
 """

@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from ..atomic import atomic_torch_save
+from ..files import atomic_torch_save, load_tensors
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -114,12 +114,8 @@ def load_training_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[
         If the file is missing, unreadable, or holds no training state.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ResumeError(f"checkpoint to resume from not found: {path}")
-    try:
-        value = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
-        raise ResumeError(f"cannot read checkpoint {path}: {error}") from None
+    value = load_tensors(path, map_location, error=ResumeError,
+                         what="checkpoint to resume from")
     if not isinstance(value, dict) or not isinstance(value.get("training"), dict):
         raise ResumeError(f"{path} holds no training state (a model-only checkpoint such as "
                           f"best.pt or a converted one cannot be resumed; use last.pt)")

@@ -4,17 +4,25 @@
 with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set;
 :func:`init_distributed` reads them, joins the process group (NCCL on CUDA, gloo on CPU) and
 picks the device. A plain ``python -m ...`` run is a world of one and needs no process group.
+
+The one place that turns a ``--device`` argument into a device (:func:`choose_device`) and
+wraps a model for several processes (:func:`wrap_model`); training, evaluation and prediction all go through them.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
+
+import tt_conv
+
+from ..files import load_tensors
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,8 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    #: Processes of this world on this machine (torchrun's ``LOCAL_WORLD_SIZE``).
+    local_world_size: int = 1
 
     @property
     def distributed(self) -> bool:
@@ -77,6 +87,7 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
     chosen = choose_device(device, local_rank)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
@@ -85,7 +96,7 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         dist.init_process_group(backend, rank=rank, world_size=world_size)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    return DistContext(rank, world_size, local_rank, chosen)
+    return DistContext(rank, world_size, local_rank, chosen, local_world_size)
 
 
 def cleanup() -> None:
@@ -117,8 +128,37 @@ def broadcast_object(value: Any, context: DistContext) -> Any:
     return box[0]
 
 
-def wrap_model(model: torch.nn.Module, context: DistContext) -> torch.nn.Module:
-    """``model`` in DistributedDataParallel when the world is larger than one."""
+def all_gather_state(value: Any, context: DistContext) -> List[Any]:
+    """Every rank's ``value`` (plain values and tensors), in rank order.
+
+    ``all_gather_object`` cannot carry tensors between CPU processes, so each value travels
+    as the bytes of ``torch.save`` and is read back by the guarded loader.
+    """
+    if not context.distributed:
+        return [value]
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    out = [None] * context.world_size
+    dist.all_gather_object(out, buffer.getvalue())
+    return [load_tensors(io.BytesIO(data), what="state of another rank") for data in out]
+
+
+def wrap_model(model: torch.nn.Module, context: DistContext, *,
+               compile: bool = False) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when the world is larger than one.
+
+    With ``compile``, every recurrent cell of ``model`` is first compiled in place
+    (:func:`tt_conv.compile_cells`; a model without recurrent cells is compiled whole, also
+    in place). Compiling the bare module before wrapping keeps its parameter names, so
+    checkpoints are unchanged, and DistributedDataParallel's gradient hooks fire on the
+    same parameters as in eager mode; the loops over time stay in Python, so the compiled
+    graphs are one cell step each.
+    """
+    if compile:
+        if any(isinstance(m, tt_conv.recurrent.RECURRENT_CELLS) for m in model.modules()):
+            tt_conv.compile_cells(model)
+        else:
+            model.compile()
     if not context.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -128,9 +168,13 @@ def wrap_model(model: torch.nn.Module, context: DistContext) -> torch.nn.Module:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel (or ``model`` itself)."""
-    return model.module if hasattr(model, "module") and isinstance(
-        model, torch.nn.parallel.DistributedDataParallel) else model
+    """The module inside DistributedDataParallel (or ``model`` itself).
+
+    Evaluation runs the bare module: DistributedDataParallel's forward would broadcast
+    buffers and arm gradient hooks, and the ranks may run different numbers of batches.
+    """
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+        else model
 
 
 class ResumableDistributedSampler(DistributedSampler):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 import torch
 
-from ..atomic import write_text_atomic
+from ..files import write_text_atomic
 from .distributed import DistContext
 
 LOG_FILE = "log.jsonl"

@@ -10,9 +10,69 @@ schedule.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from dataclasses import dataclass
+from typing import Any, Dict, Literal
 
-from ..config import ScheduleConfig
+from ..checks import check_choice, check_int
+
+#: Scheduled-sampling rules.
+SAMPLING_RULES = ("plateau", "linear", "none")
+#: Learning-rate decay rules.
+LR_DECAYS = ("plateau", "cosine", "none")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Scheduled sampling and learning-rate decay.
+
+    Scheduled sampling feeds the ground-truth frame instead of the network's own output at a
+    future step with probability ``r``:
+
+    * ``plateau`` (the release's rule): ``r`` starts at ``sampling_start``; once the
+      validation loss has not improved for ``plateau_patience`` validation rounds, ``r``
+      falls by ``plateau_decrement`` every round down to ``sampling_end``.
+    * ``linear``: ``r`` goes from ``sampling_start`` at ``linear_start`` to ``sampling_end``
+      at ``linear_end`` (steps), linearly per iteration.
+    * ``none``: ``r = sampling_start`` throughout (0: always the network's own outputs).
+
+    Learning-rate decay:
+
+    * ``plateau`` (the release's rule): ``lr_decay_delay`` rounds after scheduled sampling
+      started to fall, ``lr x lr_decay_factor`` every ``lr_decay_every`` rounds.
+    * ``cosine``: half a cosine from ``optim.lr`` to ``optim.min_lr`` over the run, after
+      ``warmup_steps`` of linear warm-up.
+    * ``none``: constant (after the warm-up).
+    """
+
+    sampling: Literal["plateau", "linear", "none"] = "plateau"
+    sampling_start: float = 1.0
+    sampling_end: float = 0.0
+    plateau_patience: int = 20
+    plateau_decrement: float = 4e-3
+    linear_start: int = 0
+    linear_end: int = 0
+    lr_decay: Literal["plateau", "cosine", "none"] = "plateau"
+    lr_decay_delay: int = 20
+    lr_decay_every: int = 5
+    lr_decay_factor: float = 0.98
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        check_choice("schedule.sampling", self.sampling, SAMPLING_RULES)
+        check_choice("schedule.lr_decay", self.lr_decay, LR_DECAYS)
+        for name in ("sampling_start", "sampling_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"schedule.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("plateau_patience", "linear_start", "linear_end", "lr_decay_delay",
+                     "warmup_steps"):
+            check_int(f"schedule.{name}", getattr(self, name), 0)
+        check_int("schedule.lr_decay_every", self.lr_decay_every, 1)
+        if self.sampling == "linear" and self.linear_end < self.linear_start:
+            raise ValueError(f"schedule.linear_end ({self.linear_end}) must be >= "
+                             f"schedule.linear_start ({self.linear_start})")
+        if not 0 < self.lr_decay_factor <= 1:
+            raise ValueError(f"schedule.lr_decay_factor must be in (0, 1], "
+                             f"got {self.lr_decay_factor!r}")
 
 
 class TrainingSchedule:

@@ -38,9 +38,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..data.mnist_digits import DigitSet
-from ..data.moving_mnist import bounce_trajectory, pixel_offsets, render, sequence_rng
-from ..data.sequence_files import frames_to_tensor
+from .mnist_digits import DigitSet
+from .moving_mnist import (
+    bounce_trajectory,
+    check_digits,
+    pixel_offsets,
+    render,
+    sequence_rng,
+)
+from .sequence_files import frames_to_tensor
 
 #: Bits of the label, in order.
 WALLS: Tuple[str, ...] = ("top", "bottom", "left", "right")
@@ -160,19 +166,6 @@ def shrink_digits(digits: np.ndarray, factor: int) -> np.ndarray:
     return np.rint(blocks.mean(axis=(2, 4))).astype(np.uint8)
 
 
-def _check_digits(digits, canvas_size: SizeArg) -> np.ndarray:
-    if not isinstance(digits, np.ndarray) or digits.dtype != np.uint8 or digits.ndim != 3 \
-            or len(digits) == 0:
-        raise ValueError(
-            f"digits must be a non-empty uint8 array (N, h, w), got "
-            f"{getattr(digits, 'dtype', type(digits).__name__)} {getattr(digits, 'shape', '')}")
-    canvas = (canvas_size, canvas_size) if isinstance(canvas_size, int) else tuple(canvas_size)
-    if digits.shape[1] >= canvas[0] or digits.shape[2] >= canvas[1]:
-        raise ValueError(
-            f"digits of {digits.shape[1:]} need a larger canvas than {canvas} to move")
-    return digits
-
-
 class WallTouchFixed(Dataset):
     """A fixed split of the task: item ``i`` is a function of (seed, split, i).
 
@@ -199,7 +192,7 @@ class WallTouchFixed(Dataset):
         if isinstance(n_clips, bool) or not isinstance(n_clips, int) or n_clips < 1:
             raise ValueError(f"n_clips must be an integer >= 1, got {n_clips!r}")
         pool = digits.split(split) if isinstance(digits, DigitSet) else digits
-        self.digits = _check_digits(pool, canvas_size)
+        self.digits = check_digits(pool, canvas_size, must_move=True)
         self.n_clips, self.split, self.seed = n_clips, split, int(seed)
         self.n_frames, self.n_turns, self.canvas_size = n_frames, n_turns, canvas_size
         self.n_classes = N_CLASSES
@@ -250,7 +243,7 @@ class WallTouchStream(IterableDataset):
                  world_size: Optional[int] = None) -> None:
         if isinstance(digits, DigitSet):
             raise TypeError("pass the training digits (DigitSet.train), not the whole DigitSet")
-        self.digits = _check_digits(digits, canvas_size)
+        self.digits = check_digits(digits, canvas_size, must_move=True)
         if isinstance(clips_per_epoch, bool) or not isinstance(clips_per_epoch, int) \
                 or clips_per_epoch < 1:
             raise ValueError(f"clips_per_epoch must be an integer >= 1, got {clips_per_epoch!r}")

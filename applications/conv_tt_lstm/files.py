@@ -1,7 +1,12 @@
-"""Atomic file output: write to a temporary file beside the target, then rename over it.
+"""The application's file input and output: one atomic-write path and one guarded load.
 
-A reader (or a resumed run) therefore sees either the previous complete file or the new
-complete file, never a truncated one, even if the writer is killed half-way.
+* Writes (:func:`atomic_path` and the helpers built on it) go to a temporary file beside the
+  target, then rename over it: a reader (or a resumed run) sees either the previous complete
+  file or the new complete file, never a truncated one, even if the writer is killed
+  half-way.
+* Reads of ``torch.save`` files go through :func:`load_tensors`: ``torch.load`` with
+  ``weights_only=True`` (plain values and tensors only, no code runs), a missing or
+  unreadable file reported as one error type that names the file.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, BinaryIO, Iterator, Type, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -81,3 +86,38 @@ def atomic_torch_save(value: Any, path: PathLike) -> Path:
     with atomic_path(path) as temporary:
         torch.save(value, temporary)
     return Path(path)
+
+
+def load_tensors(source: Union[PathLike, BinaryIO], map_location: Any = "cpu", *,
+                 error: Type[Exception] = ValueError, what: str = "checkpoint") -> Any:
+    """``torch.load(source, weights_only=True)``, every failure raised as ``error``.
+
+    The one place the application unpickles a file: only plain values and tensors load,
+    so a file cannot run code.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or binary file
+        A ``torch.save`` file, or an open binary stream (e.g. bytes from another rank).
+    map_location
+        Passed to ``torch.load``.
+    error : type
+        The exception raised (the caller's own, e.g. ``CheckpointError``), with a message
+        naming the file.
+    what : str
+        What the file is, for the message ("checkpoint", "checkpoint to resume from", ...).
+
+    Raises
+    ------
+    error
+        The file is missing or cannot be read with ``weights_only=True``.
+    """
+    import torch
+
+    name = "stream" if hasattr(source, "read") else os.fspath(source)
+    if not hasattr(source, "read") and not os.path.isfile(name):
+        raise error(f"{what} file not found: {name}")
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except Exception as failure:  # unpickling errors come in many types
+        raise error(f"cannot read {what} {name}: {failure}") from None

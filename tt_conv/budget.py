@@ -1,0 +1,282 @@
+"""Budgets that need the layers: parameter and FLOP costs of factorized convolutions.
+
+:mod:`tt_conv.rank` chooses ranks from a kernel alone; this module prices them on a
+convolution (its geometry, its input size) and solves for the ranks that fit a budget:
+
+* :func:`dense_flops` and :func:`factorized_flops`: FLOPs of a convolution, dense or
+  factorized at given ranks, as :mod:`torch.utils.flop_counter` counts them;
+* :func:`layer_cost`: what a layer costs at given ranks, in parameters or FLOPs;
+* :func:`layer_budget_rank`: the largest ranks keeping a conv within a fraction of its
+  parameters or FLOPs (exact integer search, never over budget);
+* :func:`shared_energy_allocation`: a whole-network budget spread by one energy threshold
+  shared by every layer, the largest that fits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ._checks import check_factorization, check_fraction, check_min_rank
+from ._geometry import conv_flops, output_size, padding_pairs
+from .layers import FactorizedConv
+from .layers.base import conv_geometry
+from .rank import (
+    budget_rank,
+    group_dims,
+    n_factor_parameters,
+    ranks_from_spectra,
+    resolve_rank,
+    search_ranks,
+    tail_rank,
+    unfolding_spectra,
+)
+
+METRICS = ("params", "flops")
+
+
+def factorized_flops(conv, factorization: str, ranks, input_shape) -> int:
+    """FLOPs of ``conv`` factorized at ``ranks``, run factorized, on ``input_shape``.
+
+    Counted as :meth:`tt_conv.FactorizedConv.flops` counts them, on a parameter-free copy of
+    the layer's geometry (the meta device), so no decomposition runs.
+    """
+    geometry, kernel, bias = conv_geometry(conv)
+    layer = FactorizedConv.class_for(factorization)(
+        **geometry, bias=bias is not None, rank=tuple(ranks), implementation="factorized",
+        device="meta", dtype=kernel.dtype,
+    )
+    return layer.flops(input_shape, "factorized")
+
+
+def dense_flops(conv, input_shape) -> int:
+    """FLOPs of the plain convolution ``conv`` on ``input_shape`` (flop_counter's count)."""
+    shape = tuple(int(s) for s in input_shape)
+    n_dim = len(conv.kernel_size)
+    if len(shape) == n_dim + 1:
+        shape = (1, *shape)
+    if len(shape) != n_dim + 2 or shape[1] != conv.in_channels:
+        raise ValueError(
+            f"input_shape must be (batch, {conv.in_channels}, *{n_dim} spatial sizes) for this "
+            f"convolution, got {tuple(input_shape)}"
+        )
+    pads = padding_pairs(conv.padding, tuple(conv.kernel_size), tuple(conv.stride),
+                         tuple(conv.dilation))
+    out = output_size(shape[2:], pads, conv.kernel_size, conv.stride, conv.dilation)
+    return conv_flops(shape[0], conv.out_channels, conv.in_channels // conv.groups,
+                      conv.kernel_size, out)
+
+
+def layer_cost(conv, factorization: str, ranks, metric: str = "params",
+               input_shape: Optional[Sequence[int]] = None) -> int:
+    """What ``conv`` factorized at ``ranks`` costs: parameters (factors of every group and
+    the bias) or FLOPs on ``input_shape`` (run factorized)."""
+    if metric == "flops":
+        return factorized_flops(conv, factorization, ranks, input_shape)
+    _, kernel, bias = conv_geometry(conv)
+    factors = n_factor_parameters(factorization, group_dims(kernel, conv.groups), ranks)
+    return conv.groups * factors + (0 if bias is None else bias.numel())
+
+
+def layer_budget_rank(
+    conv,
+    factorization: str,
+    fraction: float,
+    *,
+    metric: str = "params",
+    input_shape: Optional[Sequence[int]] = None,
+) -> Tuple[int, ...]:
+    """The largest ranks keeping ``conv`` within a fraction of its parameters or FLOPs.
+
+    Parameters
+    ----------
+    conv : nn.Conv1d, nn.Conv2d, nn.Conv3d or FactorizedConv
+    factorization : {"cp", "tucker", "tt"}
+    fraction : float in (0, 1]
+        Of the dense kernel's parameters (``metric="params"``, biases excluded as they are
+        kept), or of the dense convolution's FLOPs on ``input_shape`` (``metric="flops"``,
+        for the factorized execution).
+    metric : {"params", "flops"}
+    input_shape : tuple of int
+        ``(batch, channels, *spatial)``; required for ``metric="flops"``.
+
+    Returns
+    -------
+    tuple of int
+        Ranks in the factorization's convention (:func:`tt_conv.rank.budget_rank`'s family:
+        one CP rank, Tucker-2 channel ranks in proportion to their limits, one shared TT
+        rank), found by exact integer search; the budget is never exceeded.
+
+    Raises
+    ------
+    ValueError
+        If even rank 1 is over budget, naming the budget and what rank 1 needs.
+    """
+    factorization = check_factorization(factorization)
+    check_fraction(fraction, "fraction")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    geometry, kernel, _ = conv_geometry(conv)
+    dims = group_dims(kernel, geometry["groups"])
+    if metric == "params":
+        return budget_rank(factorization, dims, fraction * math.prod(dims))
+    if input_shape is None:
+        raise ValueError("metric='flops' needs input_shape, the conv's (batch, channels, *spatial)")
+    budget = fraction * dense_flops(conv, input_shape)
+
+    def cost(ranks):
+        return factorized_flops(conv, factorization, ranks, input_shape)
+
+    ranks = search_ranks(factorization, dims, cost, budget)
+    if ranks is None:
+        smallest = cost(resolve_rank(factorization, dims, 1))
+        raise ValueError(
+            f"a FLOP budget of {fraction:g} x {budget / fraction:.4g} = {budget:.4g} is below what "
+            f"rank 1 needs ({smallest} FLOPs for a {factorization} factorization of a kernel of "
+            f"shape {tuple(kernel.shape)} on input {tuple(input_shape)})"
+        )
+    return ranks
+
+
+# --------------------------------------------------------------------------- global budgets
+
+
+@dataclass
+class GlobalLayer:
+    """One convolution under a whole-network budget (see :func:`shared_energy_allocation`).
+
+    Attributes
+    ----------
+    name : str
+    conv : nn.Module
+        The (plain) convolution; its geometry prices the ranks.
+    factorization : {"cp", "tucker", "tt"}
+        Whose ranks set the layer's share.
+    kernel : torch.Tensor
+        The kernel the spectra come from (the data-weighted one under data fitting).
+    dense_cost : int
+        Parameters (kernel and bias) or FLOPs of the dense layer.
+    input_shape : tuple of int, optional
+        Needed for FLOP budgets.
+    """
+
+    name: str
+    conv: torch.nn.Module
+    factorization: str
+    kernel: torch.Tensor
+    dense_cost: int
+    input_shape: Optional[Tuple[int, ...]] = None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A layer's share of a global budget: its ranks (None: left dense) and their cost."""
+
+    factorization: str
+    ranks: Optional[Tuple[int, ...]]
+    cost: int
+
+
+def shared_energy_allocation(
+    layers: Sequence[GlobalLayer], fraction: float, metric: str = "params", min_rank: int = 1,
+) -> Tuple[float, Dict[str, Allocation]]:
+    """The largest energy fraction ``e`` shared by all layers keeping their total cost within
+    ``fraction`` of their dense cost, found by bisection, and each layer's allocation.
+
+    A layer's cost at ``e`` is that of its factorization at the smallest ranks keeping ``e``
+    of every relevant unfolding's energy, or its dense cost when that would not shrink it
+    (then its ranks are None): what layers that cannot shrink (depthwise, tiny) do not give
+    is taken from the others, and the total never exceeds the target.
+
+    Raises
+    ------
+    ValueError
+        If even rank ``min_rank`` everywhere is over the target.
+    """
+    check_fraction(fraction, "fraction")
+    check_min_rank(min_rank)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    target = fraction * sum(layer.dense_cost for layer in layers)
+    prepared = []
+    for layer in layers:
+        spectra = unfolding_spectra(layer.factorization, layer.kernel, layer.conv.groups)
+        prepared.append((layer, spectra, group_dims(layer.kernel, layer.conv.groups)))
+    costs: Dict[Tuple[int, Tuple[int, ...]], int] = {}
+
+    def allocation(energy) -> Tuple[int, Dict[str, Allocation]]:
+        total, chosen = 0, {}
+        for i, (layer, spectra, dims) in enumerate(prepared):
+            def rank_of(s, _u):
+                tail = (1.0 - energy) * float((s.astype(float) ** 2).sum())
+                return max(min_rank, tail_rank(s, tail))
+
+            ranks = ranks_from_spectra(layer.factorization, dims, spectra, rank_of)
+            if (i, ranks) not in costs:
+                costs[i, ranks] = layer_cost(layer.conv, layer.factorization, ranks, metric,
+                                             layer.input_shape)
+            cost = costs[i, ranks]
+            if cost >= layer.dense_cost:
+                total += layer.dense_cost
+                chosen[layer.name] = Allocation(layer.factorization, None, layer.dense_cost)
+            else:
+                total += cost
+                chosen[layer.name] = Allocation(layer.factorization, ranks, cost)
+        return total, chosen
+
+    low_total, low_choice = allocation(0.0)
+    if low_total > target:
+        dense = [name for name, a in low_choice.items() if a.ranks is None]
+        raise ValueError(
+            f"rank: a global {metric} target of {fraction:g} x {target / fraction:,.0f} = "
+            f"{target:,.0f} is below what rank {min_rank} everywhere allows ({low_total:,}"
+            + (f", of which {len(dense)} layers that cannot shrink keep "
+               f"{sum(low_choice[n].cost for n in dense):,}" if dense else "")
+            + "); raise the fraction or exclude small layers"
+        )
+    total, choice = allocation(1.0)
+    if total <= target:
+        return 1.0, choice
+    best = (0.0, low_choice)
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        total, choice = allocation(mid)
+        if total <= target:
+            lo, best = mid, (mid, choice)
+        else:
+            hi = mid
+    return best
+
+
+def unshrinkable_reason(conv, factorization: str, fraction: float) -> Optional[str]:
+    """Why ``conv`` cannot keep ``fraction`` of its parameters as a ``factorization``, or None.
+
+    The reasons users meet: a depthwise convolution (one input and one output channel per
+    group: only its spatial modes could be factorized), a single input or output channel,
+    or a kernel so small that rank 1 already needs more than the budget.
+    """
+    _, kernel, _ = conv_geometry(conv)
+    dims = group_dims(kernel, conv.groups)
+    budget = fraction * math.prod(dims)
+    smallest = n_factor_parameters(factorization, dims, resolve_rank(factorization, dims, 1))
+    if smallest <= budget and smallest < math.prod(dims):
+        return None
+    shape = "x".join(map(str, dims))
+    if dims[0] == dims[1] == 1 and conv.groups > 1:
+        what = f"depthwise ({conv.groups} groups of one channel; each group's kernel is {shape})"
+    elif dims[0] == 1 or dims[1] == 1:
+        what = f"{'one input' if dims[1] == 1 else 'one output'} channel per group (kernel {shape})"
+    else:
+        what = f"small kernel ({shape} per group)"
+    return (f"{what}: {factorization} at rank 1 needs {smallest:,} parameters per group, over "
+            f"its budget of {budget:,.1f} of {math.prod(dims):,}")
+
+
+__all__: List[str] = [
+    "METRICS", "factorized_flops", "dense_flops", "layer_cost", "layer_budget_rank",
+    "GlobalLayer", "Allocation", "shared_energy_allocation", "unshrinkable_reason",
+]

@@ -105,11 +105,12 @@ def _measure(step, policy, steps, warmup_seconds):
     while time.perf_counter() - start < warmup_seconds:
         step()
         policy.update()
-    seconds = []
+    seconds, used = [], []
     for _ in range(steps):
+        used.append(policy.threads)
         seconds.append(step())
         policy.update()
-    return seconds, policy.threads
+    return seconds, used
 
 
 def main(argv=None) -> int:
@@ -154,13 +155,14 @@ def main(argv=None) -> int:
     lines = [f"`train --preset {args.preset}` model, {precision}, one training step "
              f"(batch {config.data.batch_size}), median of {args.steps}; "
              f"{os.cpu_count()} cores",
-             "", "| threads | used | machine | s / step | vs idle, same policy | vs best idle |",
+             "", "| threads | used in the timed steps | machine | s / step | vs idle, same policy | vs best idle |",
              "|---|---|---|---|---|---|"]
     best = min(idle.values())
     for r in rows:
         median = statistics.median(r["seconds"])
         r["median_seconds"] = median
-        lines.append(f"| {r['threads']} | {r['used']} | {r['load']} | {median:.3f} "
+        used = "/".join(str(n) for n in sorted(set(r["used"])))
+        lines.append(f"| {r['threads']} | {used} | {r['load']} | {median:.3f} "
                      f"| {median / idle[r['threads']]:.2f}x | {median / best:.2f}x |")
     text = "\n".join(lines)
     print(text)

@@ -108,3 +108,30 @@ def test_wrap_model_compiles_every_cell_in_place_and_keeps_the_parameter_names()
     cells = [m for m in model.modules() if isinstance(m, tt_conv.recurrent.RECURRENT_CELLS)]
     assert len(cells) == 2 and all(c._compiled_call_impl is not None for c in cells)
     assert model._compiled_call_impl is None  # the loops over time stay in Python
+
+
+def test_a_shortened_schedule_spans_the_new_length_and_survives_a_checkpoint():
+    config = ScheduleConfig(sampling="linear", linear_start=10, linear_end=280,
+                            lr_decay="cosine", warmup_steps=50)
+    schedule = TrainingSchedule(config, 2e-3, 1e-4, 700)
+    schedule.shorten(350)
+    assert schedule.total_steps == 350
+    assert (schedule.config.linear_start, schedule.config.linear_end,
+            schedule.config.warmup_steps) == (5, 140, 25)
+    assert schedule.sampling_ratio(140) == 0.0 and schedule.sampling_ratio(72) > 0.0
+    assert schedule.lr(349) == pytest.approx(1e-4, rel=1e-3)  # the cosine ends with the run
+    restored = TrainingSchedule(config, 2e-3, 1e-4, 700)
+    restored.load_state_dict(schedule.state_dict())
+    assert [restored.lr(s) for s in range(350)] == [schedule.lr(s) for s in range(350)]
+    assert restored.config == schedule.config
+    with pytest.raises(ValueError, match="1..350"):
+        schedule.shorten(351)
+
+
+def test_a_schedule_never_shortened_follows_a_longer_run_when_resumed():
+    config = ScheduleConfig(sampling="linear", linear_end=8, lr_decay="cosine")
+    state = TrainingSchedule(config, 1e-2, 0.0, 40).state_dict()
+    assert "total_steps" not in state
+    longer = TrainingSchedule(config, 1e-2, 0.0, 80)
+    longer.load_state_dict(state)
+    assert longer.total_steps == 80 and longer.config == config and not longer.shortened

@@ -64,6 +64,11 @@ class BaseRunConfig:
     time_limit : float
         Stop training after this many seconds (0: no limit); the final validation and the
         outputs are still written.
+    fit_time_limit : bool
+        With ``time_limit``: time the first steps of a fresh run and, if all ``steps`` would
+        not fit into the limit, shorten the run to the steps that do, the schedule with it
+        (:meth:`~.schedules.TrainingSchedule.shorten`), so a slow machine still runs a
+        whole schedule. The shortened length is saved in the checkpoints.
     final_outputs : bool
         Write the task's files at the end (reports, figures).
     """
@@ -83,6 +88,7 @@ class BaseRunConfig:
     resume: Optional[str] = None
     progress: bool = True
     time_limit: float = 0.0
+    fit_time_limit: bool = False
     final_outputs: bool = True
 
     def __post_init__(self):

@@ -334,21 +334,21 @@ def test_fit_time_limit_shortens_run_and_schedule_and_resumes_exactly(tmp_path, 
     from applications.conv_tt_lstm.training import skeleton
 
     # The decision itself (what fits) is tested below; here: what the run does with it.
-    monkeypatch.setattr(skeleton, "_steps_within", lambda *args: 14)
+    monkeypatch.setattr(skeleton, "_steps_within", lambda *args: 20)
     common = {"steps": 40, "time_limit": 3600.0, "fit_time_limit": True,
               "checkpoint_every": 4}
     whole = train(tiny_config(tmp_path, "whole", run=common))
-    assert whole.step == 14
+    assert whole.step == 20
     (fit,) = records(whole.run_dir, "fit_time_limit")
-    assert fit["step"] == 11 and fit["steps"] == 14
+    assert fit["step"] == 15 and fit["steps"] == 20
     schedule = last_state(whole.run_dir)["training"]["states"]["schedule"]
-    assert schedule["total_steps"] == 14 and schedule["linear_end"] == round(8 * 14 / 40)
+    assert schedule["total_steps"] == 20 and schedule["linear_end"] == round(8 * 20 / 40)
 
     real, calls = train_module.sequence_loss, []
 
     def killed(*args):
         calls.append(1)
-        if len(calls) == 13:
+        if len(calls) == 18:
             raise KeyboardInterrupt
         return real(*args)
 
@@ -358,7 +358,7 @@ def test_fit_time_limit_shortens_run_and_schedule_and_resumes_exactly(tmp_path, 
     monkeypatch.setattr(train_module, "sequence_loss", real)
     monkeypatch.setattr(skeleton, "_steps_within", lambda *args: 1 / 0)  # never asked again
     resumed = train(tiny_config(tmp_path, "part", run=dict(common, resume="auto")))
-    assert resumed.step == 14
+    assert resumed.step == 20
     a, b = last_state(whole.run_dir), last_state(resumed.run_dir)
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key

@@ -243,7 +243,7 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
 
     # The run's length: run.steps, or what an earlier fit to the time limit left.
     total = schedule.total_steps
-    fitting = step == 0 and run.fit_time_limit and run.time_limit > 0 and total > _FIT_STEPS + 1
+    fitting = step == 0 and run.fit_time_limit and run.time_limit > 0 and total > _FIT_FROM + _FIT_STEPS
     fit_clock = 0.0
     with RunLogger(run_dir, context, total, initial_step=step, progress=run.progress,
                    description=task.description) as logger:
@@ -270,9 +270,9 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
                 values = task.step_values(outputs, batch, step)
                 step += 1
                 threads.update()
-                if fitting and step == 1:
-                    fit_clock = time.perf_counter()  # the first step (compilation) is not timed
-                elif fitting and step == _FIT_STEPS + 1:
+                if fitting and step == _FIT_FROM:
+                    fit_clock = time.perf_counter()  # the first steps (compilation) not timed
+                elif fitting and step == _FIT_FROM + _FIT_STEPS:
                     per_step = (time.perf_counter() - fit_clock) / _FIT_STEPS
                     fitted = broadcast_object(_steps_within(run.time_limit, started, per_step,
                                                             step, total), context)
@@ -346,8 +346,9 @@ def _resume(path: Path, task: Task, model: nn.Module, stateful: Mapping[str, Any
     return step, float(extra.get(f"best_{task.best_metric}", best))
 
 
-#: Steps timed (after the first) before a run is fitted to its time limit.
-_FIT_STEPS = 10
+#: Steps timed before a run is fitted to its time limit, and the untimed steps before
+#: them (the first compile kernels and warm caches).
+_FIT_STEPS, _FIT_FROM = 10, 5
 #: Share of the time left that the fitted steps may take (validation, checkpoints, the
 #: final outputs and the slower steps of a busy machine take the rest).
 _FIT_SHARE = 0.9

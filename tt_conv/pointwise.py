@@ -159,17 +159,32 @@ class _Kernel:
     def __init__(self, function: Callable):
         self.function = function
         self.compiled: Dict[tuple, Callable] = {}
+        self.copies = 0
+
+    def _compile(self, key: tuple) -> Callable:
+        fn = self.function
+        self.copies += 1
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{self.copies}")
+        copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                                  fn.__closure__)
+        kernel = self.compiled[key] = torch.compile(copy, dynamic=True, fullgraph=True)
+        return kernel
 
     def __call__(self, *args):
         key = _signature(args)
-        kernel = self.compiled.get(key)
-        if kernel is None:
-            fn = self.function
-            code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(self.compiled)}")
-            copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
-                                      fn.__closure__)
-            kernel = self.compiled[key] = torch.compile(copy, dynamic=True, fullgraph=True)
-        return kernel(*args)
+        kernel = self.compiled.get(key) or self._compile(key)
+        try:
+            return kernel(*args)
+        except Exception as error:
+            from torch._dynamo.exc import FailOnRecompileLimitHit  # dynamo loads on demand
+
+            if not isinstance(error, FailOnRecompileLimitHit):
+                raise
+            # Dynamic shapes still guard on some sizes (a size of 1, sizes that were equal),
+            # so a process that runs many different cells and batches can use up a copy's
+            # recompilations (dynamo's recompile_limit, per code object): a fresh copy of
+            # the code starts a new cache.
+            return self._compile(key)(*args)
 
 
 def _run(device_type: str, compiled: Callable, eager: Callable, *args):

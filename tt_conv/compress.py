@@ -12,6 +12,7 @@ assemble the compressed model, and report.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -21,7 +22,14 @@ from tqdm.auto import tqdm
 
 from . import calibrate
 from ._checks import FACTORIZATIONS
-from .budget import Allocation, GlobalLayer, shared_energy_allocation
+from .budget import (
+    Allocation,
+    GlobalLayer,
+    conv_latency,
+    conv_latency_fraction,
+    measure_seconds,
+    shared_energy_allocation,
+)
 from .decompose import relative_error
 from .equivalent import is_uninitialized_lazy
 from .factorize import DATA_FIT_MARGIN, LayerData, LayerJob, LayerOutcome, factorize_layer
@@ -196,12 +204,23 @@ def compress(
                                   overrides=settings.overrides)
     probe = probe_model(model, entries, shape_inputs, calibration_inputs, settings,
                         "input_shape" if input_shape is not None else "calibration")
-    jobs = plan_jobs(entries, probe)
-    allocation = plan_global_budget(jobs)
-    outcomes = factorize_layers(jobs, allocation, probe, settings)
-    compressed, kernel_only = assemble(model, outcomes, probe, inplace)
-    return compressed, build_report(model, compressed, entries, outcomes, probe, settings,
-                                    allocation, kernel_only)
+    jobs = plan_jobs(entries, probe, settings.implementation)
+    latency = LatencyPlan.measure(model, jobs, probe, settings.spec)
+    for attempt in range(LatencyPlan.ATTEMPTS):
+        allocation = plan_global_budget(jobs, latency.conv_fraction if latency else None)
+        outcomes = factorize_layers(jobs, allocation, probe, settings)
+        compressed, kernel_only = assemble(model, outcomes, probe, inplace and latency is None)
+        if latency is None or latency.held(compressed, probe) or \
+                attempt == LatencyPlan.ATTEMPTS - 1:
+            break
+    if latency is not None and inplace:
+        compressed = _replaced(model, {n: o.layer for n, o in outcomes.items()
+                                       if o.layer is not None}, inplace=True)
+    report = build_report(model, compressed, entries, outcomes, probe, settings, allocation,
+                          kernel_only)
+    if latency is not None:
+        latency.annotate(report)
+    return compressed, report
 
 
 # =========================================================================== phases
@@ -318,9 +337,12 @@ def probe_model(model: nn.Module, entries: Sequence[ConvEntry], shape_inputs, ba
     return probe
 
 
-def plan_jobs(entries: Sequence[ConvEntry], probe: Probe) -> List[Union[LayerJob, ConvEntry]]:
+def plan_jobs(entries: Sequence[ConvEntry], probe: Probe, implementation: str = "auto"
+              ) -> List[Union[LayerJob, ConvEntry]]:
     """Phase 4: a :class:`~tt_conv.factorize.LayerJob` per layer to factorize (the entry
-    itself for a layer that stays dense), in the model's order."""
+    itself for a layer that stays dense), in the model's order. The dense layer's time is
+    measured where the execution or the budget is (latency budgets; ``"auto"`` with known
+    shapes, except under FLOP budgets)."""
     jobs: List[Union[LayerJob, ConvEntry]] = []
     for entry in entries:
         if not entry.to_factorize:
@@ -333,7 +355,7 @@ def plan_jobs(entries: Sequence[ConvEntry], probe: Probe) -> List[Union[LayerJob
                 f"factorization='auto' (layer {name!r}) needs a budget or a data-driven rank "
                 f"to compare factorizations at equal cost, not explicit ranks {spec.value}"
             )
-        if spec.kind == "flops" and shape is None:
+        if spec.needs_shapes and shape is None:
             if probe.shape_inputs is None:
                 raise ValueError(
                     f"rank {spec.describe()!r} for layer {name!r} needs the layer's input "
@@ -347,12 +369,72 @@ def plan_jobs(entries: Sequence[ConvEntry], probe: Probe) -> List[Union[LayerJob
             input_shape=shape, dense_params=count_parameters(entry.module),
             dense_flops=layer_flops(entry.plain, shape) if shape is not None else None,
             baked=entry.baked,
+            dense_latency=conv_latency(entry.plain, None, None, shape)
+            if shape is not None and (spec.metric == "latency" or (
+                implementation == "auto" and spec.kind != "flops")) else None,
         ))
     return jobs
 
 
-def plan_global_budget(jobs: Sequence[Union[LayerJob, ConvEntry]]) -> Dict[str, Allocation]:
-    """Phase 5: each layer's share of a global budget (empty without one)."""
+@dataclass
+class LatencyPlan:
+    """A ``{"latency": f}`` budget: the dense model's measured time, the share of it the
+    selected convolutions may keep, and the compressed model's measured time.
+
+    The convolutions' share is :func:`tt_conv.budget.conv_latency_fraction` of their own
+    measured latencies (what is not convolution does not shrink). Layers timed one by one
+    do not add up exactly to the model's time, so the compressed model is measured whole:
+    if it is over the target, the convolutions' share is lowered by the excess and the
+    allocation redone (at most ``ATTEMPTS`` times in all); the report says whether the
+    target was held.
+    """
+
+    ATTEMPTS = 3
+
+    fraction: float
+    model_before: float
+    conv_before: float
+    conv_fraction: float
+    model_after: Optional[float] = None
+
+    @classmethod
+    def measure(cls, model, jobs, probe: Probe, spec: RankSpec) -> Optional["LatencyPlan"]:
+        if spec.kind != "latency":
+            return None
+        timed = [job for job in jobs if isinstance(job, LayerJob)]
+        model_before = measure_seconds(model, _as_args(probe.shape_inputs))
+        conv_before = sum(job.dense_latency for job in timed)
+        return cls(spec.value, model_before, conv_before,
+                   conv_latency_fraction(spec.value, model_before, conv_before))
+
+    def held(self, compressed, probe: Probe) -> bool:
+        self.model_after = measure_seconds(compressed, _as_args(probe.shape_inputs))
+        target = self.fraction * self.model_before
+        if self.model_after <= target:
+            return True
+        excess = (self.model_after - target) / self.conv_before
+        self.conv_fraction = max(self.conv_fraction - excess, 1e-3)
+        return False
+
+    def annotate(self, report: CompressionReport) -> None:
+        report.model_latency_before = self.model_before
+        report.model_latency_after = self.model_after
+        report.latency_target = self.fraction
+        if self.model_after > self.fraction * self.model_before:
+            warnings.warn(
+                f"rank={{'latency': {self.fraction:g}}}: the compressed model measured "
+                f"{self.model_after / self.model_before:.3f} of the dense model's latency "
+                f"after {self.ATTEMPTS} allocations; the target was not held", stacklevel=3)
+
+
+def _as_args(inputs):
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def plan_global_budget(jobs: Sequence[Union[LayerJob, ConvEntry]],
+                       fraction: Optional[float] = None) -> Dict[str, Allocation]:
+    """Phase 5: each layer's share of a global budget (empty without one); ``fraction``
+    replaces the spec's (the convolutions' share of a latency budget)."""
     under = [job for job in jobs if isinstance(job, LayerJob) and job.spec.global_budget]
     if not under:
         return {}
@@ -366,8 +448,8 @@ def plan_global_budget(jobs: Sequence[Union[LayerJob, ConvEntry]]) -> Dict[str, 
     layers = [GlobalLayer(job.name, job.conv,
                           "tucker" if job.factorization == "auto" else job.factorization,
                           job.kernel, job.dense_cost, job.input_shape) for job in under]
-    energy, allocation = shared_energy_allocation(layers, spec.value, spec.metric,
-                                                  spec.min_rank)
+    energy, allocation = shared_energy_allocation(
+        layers, spec.value if fraction is None else fraction, spec.metric, spec.min_rank)
     allocation = dict(allocation)
     allocation["__energy__"] = energy  # type: ignore[assignment]
     return allocation

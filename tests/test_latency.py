@@ -6,6 +6,7 @@ measurements (a factorized layer is kept only where its measured time is under i
 the report's verdict is the one its numbers give).
 """
 
+import importlib
 import warnings
 
 import pytest
@@ -131,3 +132,18 @@ def test_cli_reads_a_latency_rank():
     from tt_conv.cli import parse_rank_argument
 
     assert parse_rank_argument("latency:0.5") == {"latency": 0.5}
+
+
+def test_latency_plan_corrects_the_share_and_keeps_the_largest_that_held(monkeypatch):
+    C = importlib.import_module("tt_conv.compress")  # the module, not the function
+    measured = iter([0.30, 0.60, 0.48])  # seconds of a 1 s dense model, attempt by attempt
+    monkeypatch.setattr(C, "measure_seconds", lambda model, inputs: next(measured))
+    plan = C.LatencyPlan(fraction=0.5, model_before=1.0, conv_before=0.8, conv_fraction=0.3)
+    probe = C.Probe(shape_inputs=torch.zeros(1), calibration=None, data_fit=False,
+                    input_shapes={}, params_before=0, flops_before=None)
+    assert plan.again("first", None, probe)          # held at 0.30: scale the share up
+    assert plan.conv_fraction == pytest.approx(0.5)
+    assert plan.again("second", None, probe)         # over at 0.60: bisect
+    assert plan.conv_fraction == pytest.approx(0.4)
+    assert not plan.again("third", None, probe)      # held at 0.48, within 5 %: stop
+    assert (plan.result, plan.model_after, plan.held_share) == ("third", 0.48, 0.4)

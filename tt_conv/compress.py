@@ -206,16 +206,19 @@ def compress(
                         "input_shape" if input_shape is not None else "calibration")
     jobs = plan_jobs(entries, probe, settings.implementation)
     latency = LatencyPlan.measure(model, jobs, probe, settings.spec)
-    for attempt in range(LatencyPlan.ATTEMPTS):
+    while True:
         allocation = plan_global_budget(jobs, latency.conv_fraction if latency else None)
         outcomes = factorize_layers(jobs, allocation, probe, settings)
         compressed, kernel_only = assemble(model, outcomes, probe, inplace and latency is None)
-        if latency is None or latency.held(compressed, probe) or \
-                attempt == LatencyPlan.ATTEMPTS - 1:
+        if latency is None or not latency.again((allocation, outcomes, compressed, kernel_only),
+                                                 compressed, probe):
             break
-    if latency is not None and inplace:
+    if latency is not None:
+        # The chosen attempt's layers, into a fresh copy (a calibration run's working copy
+        # holds the last attempt's) or into the model itself.
+        allocation, outcomes, _, kernel_only = latency.result
         compressed = _replaced(model, {n: o.layer for n, o in outcomes.items()
-                                       if o.layer is not None}, inplace=True)
+                                       if o.layer is not None}, inplace)
     report = build_report(model, compressed, entries, outcomes, probe, settings, allocation,
                           kernel_only)
     if latency is not None:
@@ -379,23 +382,30 @@ def plan_jobs(entries: Sequence[ConvEntry], probe: Probe, implementation: str = 
 @dataclass
 class LatencyPlan:
     """A ``{"latency": f}`` budget: the dense model's measured time, the share of it the
-    selected convolutions may keep, and the compressed model's measured time.
+    selected convolutions may keep, and the compressed models tried.
 
-    The convolutions' share is :func:`tt_conv.budget.conv_latency_fraction` of their own
-    measured latencies (what is not convolution does not shrink). Layers timed one by one
-    do not add up exactly to the model's time, so the compressed model is measured whole:
-    if it is over the target, the convolutions' share is lowered by the excess and the
-    allocation redone (at most ``ATTEMPTS`` times in all); the report says whether the
-    target was held.
+    The convolutions' first share is :func:`tt_conv.budget.conv_latency_fraction` of their
+    own measured latencies (what is not convolution does not shrink). Layers timed one by
+    one do not add up exactly to the model's time, so each compressed model is measured
+    whole and the share corrected (scaled by target / measured until one model is under the
+    target and one over, then bisected), at most ``ATTEMPTS`` allocations in all. The result
+    is the model with the largest share (the least kernel error) that held the target, or,
+    if none did, the last one (with a warning); the report says which.
     """
 
-    ATTEMPTS = 3
+    ATTEMPTS = 4
+    #: Stop once a model that holds the target uses this much of it.
+    CLOSE_ENOUGH = 0.95
 
     fraction: float
     model_before: float
     conv_before: float
     conv_fraction: float
     model_after: Optional[float] = None
+    attempts: int = 0
+    held_share: Optional[float] = None
+    over_share: Optional[float] = None
+    result: Any = None
 
     @classmethod
     def measure(cls, model, jobs, probe: Probe, spec: RankSpec) -> Optional["LatencyPlan"]:
@@ -407,24 +417,42 @@ class LatencyPlan:
         return cls(spec.value, model_before, conv_before,
                    conv_latency_fraction(spec.value, model_before, conv_before))
 
-    def held(self, compressed, probe: Probe) -> bool:
-        self.model_after = measure_seconds(compressed, _as_args(probe.shape_inputs))
-        target = self.fraction * self.model_before
-        if self.model_after <= target:
-            return True
-        excess = (self.model_after - target) / self.conv_before
-        self.conv_fraction = max(self.conv_fraction - excess, 1e-3)
-        return False
+    def again(self, result, compressed, probe: Probe) -> bool:
+        """Record one compressed model; whether to allocate again (``conv_fraction`` is then
+        the next share to try)."""
+        self.attempts += 1
+        measured = measure_seconds(compressed, _as_args(probe.shape_inputs))
+        ratio = measured / self.model_before
+        share = self.conv_fraction
+        if ratio <= self.fraction:
+            if self.held_share is None or share > self.held_share:
+                self.held_share, self.result, self.model_after = share, result, measured
+            close = ratio >= self.CLOSE_ENOUGH * self.fraction or share >= 1.0
+        else:
+            self.over_share = share if self.over_share is None else min(self.over_share, share)
+            if self.held_share is None:
+                self.result, self.model_after = result, measured
+            close = False
+        if close or self.attempts >= self.ATTEMPTS:
+            return False
+        if self.held_share is not None and self.over_share is not None:
+            self.conv_fraction = 0.5 * (self.held_share + self.over_share)
+        else:
+            self.conv_fraction = min(1.0, max(1e-3, share * self.fraction / ratio))
+        return self.conv_fraction != share
 
     def annotate(self, report: CompressionReport) -> None:
         report.model_latency_before = self.model_before
         report.model_latency_after = self.model_after
         report.latency_target = self.fraction
+        report.notes.append(
+            f"latency budget: {self.attempts} allocation(s) measured; the convolutions keep "
+            f"{(self.held_share or self.conv_fraction):.3g} of their own measured time")
         if self.model_after > self.fraction * self.model_before:
             warnings.warn(
                 f"rank={{'latency': {self.fraction:g}}}: the compressed model measured "
                 f"{self.model_after / self.model_before:.3f} of the dense model's latency "
-                f"after {self.ATTEMPTS} allocations; the target was not held", stacklevel=3)
+                f"after {self.attempts} allocations; the target was not held", stacklevel=3)
 
 
 def _as_args(inputs):

@@ -121,6 +121,11 @@ def compress(
           kernel's parameters (:func:`tt_conv.rank.layer_budget_rank`);
         * ``{"flops": f}``: each layer at most ``f`` of its FLOPs on its input (needs
           ``input_shape`` or ``calibration``; the layers then run factorized);
+        * ``{"latency": f}``: the whole model's measured forward time on ``input_shape``, on
+          the model's device and in its dtype, at most ``f`` of the dense model's: each
+          layer's ranks priced by its measured time, spread by the shared energy threshold
+          below, then the compressed model measured whole and the share corrected (see
+          :class:`LatencyPlan`); the report gives measured per-layer and model latencies;
         * ``{"params": f, "global": True}`` / ``{"flops": f, "global": True}``: the selected
           convolutions together (kernels and biases, layers left dense included) keep at
           most ``f`` of their parameters / FLOPs. The budget is spread by one energy
@@ -173,7 +178,10 @@ def compress(
         Modify ``model`` itself; by default a deep copy is compressed and ``model`` is never
         modified. Layers are swapped in only once all of them are built.
     implementation : {"auto", "factorized", "reconstructed"}
-        How factorized layers run (FLOP budgets always run factorized).
+        How factorized layers run (FLOP budgets always run factorized). With ``"auto"`` and a
+        known input shape each layer's two executions are timed on its actual input shape
+        and device and the faster kept (:func:`tt_conv.budget.measured_implementation`);
+        without one, the layers' own estimate decides.
     decomposition_options : dict, optional
         ``{"cp": {...}, "tucker": {...}, "tt": {...}}``: keyword arguments for the
         decompositions (see :mod:`tt_conv.decompose`).

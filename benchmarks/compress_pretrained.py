@@ -193,7 +193,7 @@ def main(argv=None):
     results.update(capacity=args.capacity, parameters=count_parameters(model),
                    conv_parameters=dense_convs, test_frames=len(frames),
                    calibration_frames=len(calibration), threads=args.threads,
-                   torch=torch.__version__, machine=_machine())
+                   torch=torch.__version__, machine=machine_description())
 
     def record(row):
         results["rows"].append(row)
@@ -260,7 +260,8 @@ def main(argv=None):
     return 0
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """The CPU model, the core count and whether it has AMX (bf16 convs are fast only with it)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             info = handle.read()

@@ -61,7 +61,7 @@ def test_orthogonal_terms_are_orthonormal_and_their_tail_is_the_error():
 
 def test_cp_is_never_worse_than_its_start_and_accepts_every_init():
     tensor = torch.randn(24, 16, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    start = D._structured_init(tensor, 30, torch.Generator().manual_seed(0))
+    start, _ = D._structured_init(tensor, 30, torch.Generator().manual_seed(0))
     start_error = D._cp_error(tensor, start)
     weights, factors = D.cp(tensor, 30)
     assert D.relative_error(cp_tensor(factors, weights), tensor) < start_error
@@ -108,3 +108,64 @@ def test_cp_is_at_least_as_accurate_as_tensorly_parafac():
     ours_error = D.relative_error(ours, tensor)
     reference_error = D.relative_error(reference, tensor)
     assert ours_error <= reference_error * 1.02, (ours_error, reference_error)
+
+
+# --------------------------------------------------------------------------- large kernels
+
+
+def test_blocked_contractions_equal_the_unblocked_ones(monkeypatch):
+    # Large kernels' ALS products are formed block by block; tiny blocks here force it.
+    generator = torch.Generator().manual_seed(5)
+    tensor = torch.randn(7, 6, 5, 4, generator=generator, dtype=torch.float64)
+    factors = [torch.randn(n, 3, generator=generator, dtype=torch.float64) for n in tensor.shape]
+    expected = torch.einsum("abcd,br,cr,dr->ar", tensor, *factors[1:])
+    partial = torch.einsum("abcd,ar->bcdr", tensor, factors[0])
+    unblocked = [D._contract_except(partial, factors[1:], keep) for keep in range(3)]
+    monkeypatch.setattr(D, "_BLOCK_ELEMENTS", 40)
+    assert torch.allclose(D._mttkrp_first(tensor.reshape(7, -1), factors[1:]), expected)
+    for keep in range(3):
+        assert torch.allclose(D._contract_except(partial, factors[1:], keep), unblocked[keep])
+
+
+@pytest.mark.parametrize("shape, rank", [((40, 24, 9, 1), 7), ((1, 30, 12, 1, 5), 4)])
+def test_cp_with_unit_modes_and_blocked_products_recovers_known_rank(monkeypatch, shape, rank):
+    # Unit modes (a 1-D signal run through Conv2d) are folded away during ALS and come back
+    # as rows of ones; blocks of a few hundred elements exercise the large-kernel path.
+    monkeypatch.setattr(D, "_BLOCK_ELEMENTS", 300)
+    tensor = random_cp(shape, rank, seed=sum(shape))
+    weights, factors = D.cp(tensor.float(), rank)
+    assert [f.shape for f in factors] == [(n, rank) for n in shape]
+    assert D.relative_error(cp_tensor(factors, weights), tensor) <= 1e-4
+
+
+def test_tucker_recovers_low_multilinear_rank_and_matches_tensorly_on_noisy_kernels():
+    generator = torch.Generator().manual_seed(6)
+    core = torch.randn(8, 6, 3, 3, generator=generator, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(64, 8, generator=generator, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(48, 6, generator=generator, dtype=torch.float64)).Q
+    exact = D.mode_product(D.mode_product(core, u, 0), v, 1)
+    c, (a, b) = D.tucker(exact, [8, 6])
+    assert D.relative_error(D.mode_product(D.mode_product(c, a, 0), b, 1), exact) <= 1e-10
+    noisy = exact + 0.5 * torch.randn(exact.shape, generator=generator, dtype=torch.float64)
+    for ranks in ([8, 6], [20, 11]):
+        c, (a, b) = D.tucker(noisy, ranks, tol=1e-12)
+        ours = D.relative_error(D.mode_product(D.mode_product(c, a, 0), b, 1), noisy)
+        with tl.backend_context("pytorch"):
+            (c2, f2), _ = partial_tucker(noisy, rank=ranks, modes=[0, 1], n_iter_max=200,
+                                         tol=1e-12)
+            reference = D.relative_error(tl.tenalg.multi_mode_dot(c2, f2, modes=[0, 1]), noisy)
+        assert ours <= reference + 1e-6, (ranks, ours, reference)
+
+
+def test_slice_starts_know_their_error_and_find_filterwise_low_rank_kernels():
+    # Every filter of rank 2, each with its own factors: 24 rank-one terms in all, which
+    # the expansion of the slices along mode 0 finds exactly (one-hot along that mode).
+    generator = torch.Generator().manual_seed(8)
+    filters = [random_cp((20, 9), 2, seed=i) for i in range(12)]
+    tensor = torch.stack(filters)  # (12, 20, 9)
+    for split in (None, 0, 1):
+        factors, error = D._structured_init(tensor, 24, generator, split)
+        assert error == pytest.approx(D._cp_error(tensor, factors), abs=1e-6)
+    assert D._structured_init(tensor, 24, generator, 0)[1] <= 1e-6
+    weights, factors = D.cp(tensor.float(), 24)
+    assert D.relative_error(cp_tensor(factors, weights), tensor) <= 1e-5

@@ -9,12 +9,17 @@ convolution (its geometry, its input size) and solves for the ranks that fit a b
 * :func:`layer_budget_rank`: the largest ranks keeping a conv within a fraction of its
   parameters or FLOPs (exact integer search, never over budget);
 * :func:`shared_energy_allocation`: a whole-network budget spread by one energy threshold
-  shared by every layer, the largest that fits.
+  shared by every layer, the largest that fits;
+* :func:`measure_seconds`, :func:`conv_latency` and :func:`measured_implementation`: the
+  measured time of a convolution's forward pass on the actual device and input shape, dense
+  or factorized at given ranks (cached), which the ``"latency"`` budget and the measured
+  execution choice of :func:`tt_conv.compress` use.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -23,7 +28,7 @@ import torch
 from ._checks import check_factorization, check_fraction, check_min_rank
 from ._geometry import conv_flops, output_size, padding_pairs
 from .layers import FactorizedConv
-from .layers.base import conv_geometry
+from .layers.base import conv_geometry, has_unit_spatial_axis
 from .rank import (
     budget_rank,
     group_dims,
@@ -35,7 +40,7 @@ from .rank import (
     unfolding_spectra,
 )
 
-METRICS = ("params", "flops")
+METRICS = ("params", "flops", "latency")
 
 
 def factorized_flops(conv, factorization: str, ranks, input_shape) -> int:
@@ -71,11 +76,15 @@ def dense_flops(conv, input_shape) -> int:
 
 
 def layer_cost(conv, factorization: str, ranks, metric: str = "params",
-               input_shape: Optional[Sequence[int]] = None) -> int:
+               input_shape: Optional[Sequence[int]] = None):
     """What ``conv`` factorized at ``ranks`` costs: parameters (factors of every group and
-    the bias) or FLOPs on ``input_shape`` (run factorized)."""
+    the bias), FLOPs on ``input_shape`` (run factorized) or the measured seconds of a
+    forward pass on ``input_shape`` (:func:`conv_latency`, run factorized: the other
+    execution, a convolution with the reconstructed kernel, is never faster than dense)."""
     if metric == "flops":
         return factorized_flops(conv, factorization, ranks, input_shape)
+    if metric == "latency":
+        return conv_latency(conv, factorization, ranks, input_shape, "factorized")
     _, kernel, bias = conv_geometry(conv)
     factors = n_factor_parameters(factorization, group_dims(kernel, conv.groups), ranks)
     return conv.groups * factors + (0 if bias is None else bias.numel())
@@ -276,7 +285,149 @@ def unshrinkable_reason(conv, factorization: str, fraction: float) -> Optional[s
             f"its budget of {budget:,.1f} of {math.prod(dims):,}")
 
 
+# --------------------------------------------------------------------------- latency
+
+
+def measure_seconds(module: torch.nn.Module, example, *, min_seconds: float = 0.005,
+                    rounds: int = 3) -> float:
+    """Seconds of one forward pass of ``module(example)`` in inference mode, measured.
+
+    ``example`` is a tensor or a tuple of tensors (the positional inputs). After a warm-up
+    pass, each of ``rounds`` rounds runs enough passes to last about ``min_seconds`` and the
+    least mean per pass is kept (the least is the least disturbed by other work on the
+    machine). CUDA work is synchronised around each round. The module runs in evaluation
+    mode (batch norms use their running statistics and are not updated); its own mode is
+    restored afterwards.
+    """
+    inputs = example if isinstance(example, tuple) else (example,)
+    cuda = any(t.is_cuda for t in inputs)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.inference_mode():
+            module(*inputs)
+            sync()
+            start = time.perf_counter()
+            module(*inputs)
+            sync()
+            once = max(time.perf_counter() - start, 1e-7)
+            passes = max(1, math.ceil(min_seconds / once))
+            best = math.inf
+            for _ in range(rounds):
+                start = time.perf_counter()
+                for _ in range(passes):
+                    module(*inputs)
+                sync()
+                best = min(best, (time.perf_counter() - start) / passes)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return best
+
+
+def example_input(input_shape: Sequence[int], device, dtype) -> torch.Tensor:
+    """A random input of ``input_shape``, channels-last where a model converted with
+    ``.to(memory_format=torch.channels_last)`` would see it so (4-D/5-D without a unit
+    spatial axis)."""
+    x = torch.randn(tuple(int(s) for s in input_shape), device=device, dtype=dtype)
+    if not has_unit_spatial_axis(x):
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif x.dim() == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+#: Measured seconds by everything they depend on (geometry, ranks, execution, input shape,
+#: device, dtype, thread count): ResNet blocks repeat shapes, and budgets ask again.
+_LATENCY_CACHE: Dict[tuple, float] = {}
+
+
+def _geometry_key(geometry: dict) -> tuple:
+    return tuple(sorted((k, v if not isinstance(v, list) else tuple(v))
+                        for k, v in geometry.items()))
+
+
+def conv_latency(conv, factorization: Optional[str], ranks, input_shape: Sequence[int],
+                 implementation: Optional[str] = None) -> float:
+    """Measured seconds of one forward pass of ``conv``'s geometry on ``input_shape``.
+
+    Dense (``factorization=None``) or factorized at ``ranks``, on ``conv``'s device and in its
+    dtype, in inference mode, channels-last (see :func:`example_input`). The weights are
+    random: the time does not depend on their values, so no decomposition runs. A factorized
+    layer is timed both ways (factorized chain, and one convolution with the reconstructed
+    kernel) and the faster counts, unless ``implementation`` names one. Cached.
+    """
+    geometry, kernel, bias = conv_geometry(conv)
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == kernel.dim() - 1:
+        shape = (1, *shape)
+    if factorization is not None:
+        factorization = check_factorization(factorization)
+        if implementation is None:
+            return min(conv_latency(conv, factorization, ranks, shape, choice)
+                       for choice in ("factorized", "reconstructed"))
+    key = (factorization, _geometry_key(geometry), bias is not None,
+           None if ranks is None else tuple(ranks), implementation, shape,
+           str(kernel.device), kernel.dtype, torch.get_num_threads())
+    if key not in _LATENCY_CACHE:
+        options = dict(device=kernel.device, dtype=kernel.dtype)
+        if factorization is None:
+            module = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)[kernel.dim() - 3](
+                **geometry, bias=bias is not None, **options)
+        else:
+            module = FactorizedConv.class_for(factorization)(
+                **geometry, bias=bias is not None, rank=tuple(ranks),
+                implementation=implementation, **options)
+        _LATENCY_CACHE[key] = measure_seconds(module,
+                                              example_input(shape, kernel.device, kernel.dtype))
+    return _LATENCY_CACHE[key]
+
+
+def measured_implementation(conv, factorization: str, ranks, input_shape: Sequence[int]
+                            ) -> Tuple[str, Dict[str, float]]:
+    """The faster execution of ``conv`` factorized at ``ranks`` on ``input_shape``, measured,
+    and both times.
+
+    ``"factorized"`` (the chain of small convolutions) or ``"reconstructed"`` (one
+    convolution with the reconstructed kernel), each timed by :func:`conv_latency` on the
+    conv's device and dtype (so a latency budget's allocation and the layer it builds read
+    the same cached times).
+    """
+    times = {choice: conv_latency(conv, factorization, ranks, input_shape, choice)
+             for choice in ("factorized", "reconstructed")}
+    return min(times, key=times.get), times
+
+
+def conv_latency_fraction(fraction: float, model_seconds: float, conv_seconds: float) -> float:
+    """The fraction of the convolutions' own latency that keeps a whole model at ``fraction``
+    of its latency: what is not convolution (``model_seconds - conv_seconds``: activations,
+    norms, pooling, layers left out) does not shrink.
+
+    Raises
+    ------
+    ValueError
+        If the rest alone takes more than ``fraction`` of the model's time.
+    """
+    check_fraction(fraction, "rank['latency']")
+    rest = max(model_seconds - conv_seconds, 0.0)
+    allowed = fraction * model_seconds - rest
+    if allowed <= 0 or conv_seconds <= 0:
+        raise ValueError(
+            f"rank: a latency target of {fraction:g} x {model_seconds * 1e3:.4g} ms is below what "
+            f"the model's other operations take ({rest * 1e3:.4g} ms measured besides the "
+            f"{conv_seconds * 1e3:.4g} ms of the selected convolutions); raise the fraction")
+    return min(1.0, allowed / conv_seconds)
+
+
 __all__: List[str] = [
     "METRICS", "factorized_flops", "dense_flops", "layer_cost", "layer_budget_rank",
     "GlobalLayer", "Allocation", "shared_energy_allocation", "unshrinkable_reason",
+    "measure_seconds", "example_input", "conv_latency", "measured_implementation",
+    "conv_latency_fraction",
 ]

@@ -38,7 +38,8 @@ from .report import write_text_atomic
 
 RANK_HELP = (
     "0.25 (fraction of each layer's parameters), 16 or 16,8 (explicit ranks), evbmf, "
-    "evbmf:W (weakened EVBMF), energy:E, error:EPS, params:F or flops:F"
+    "evbmf:W (weakened EVBMF), energy:E, error:EPS, params:F, flops:F or latency:F (the "
+    "model's measured time, needs --input-shape)"
 )
 
 
@@ -55,7 +56,8 @@ def parse_rank_argument(text: str, global_budget: bool = False, min_rank: int = 
     kind, _, value = text.partition(":")
     kind = kind.lower()
     try:
-        if kind in ("params", "flops", "energy", "error", "evbmf") and (value or kind == "evbmf"):
+        if kind in ("params", "flops", "latency", "energy", "error", "evbmf") and (
+                value or kind == "evbmf"):
             spec = {kind: float(value) if value else 1.0}
         elif kind == "evbmf":
             spec = {"evbmf": 1.0}

@@ -12,6 +12,7 @@ assemble the compressed model, and report.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -21,7 +22,14 @@ from tqdm.auto import tqdm
 
 from . import calibrate
 from ._checks import FACTORIZATIONS
-from .budget import Allocation, GlobalLayer, shared_energy_allocation
+from .budget import (
+    Allocation,
+    GlobalLayer,
+    conv_latency,
+    conv_latency_fraction,
+    measure_seconds,
+    shared_energy_allocation,
+)
 from .decompose import relative_error
 from .equivalent import is_uninitialized_lazy
 from .factorize import DATA_FIT_MARGIN, LayerData, LayerJob, LayerOutcome, factorize_layer
@@ -113,6 +121,11 @@ def compress(
           kernel's parameters (:func:`tt_conv.rank.layer_budget_rank`);
         * ``{"flops": f}``: each layer at most ``f`` of its FLOPs on its input (needs
           ``input_shape`` or ``calibration``; the layers then run factorized);
+        * ``{"latency": f}``: the whole model's measured forward time on ``input_shape``, on
+          the model's device and in its dtype, at most ``f`` of the dense model's: each
+          layer's ranks priced by its measured time, spread by the shared energy threshold
+          below, then the compressed model measured whole and the share corrected (see
+          :class:`LatencyPlan`); the report gives measured per-layer and model latencies;
         * ``{"params": f, "global": True}`` / ``{"flops": f, "global": True}``: the selected
           convolutions together (kernels and biases, layers left dense included) keep at
           most ``f`` of their parameters / FLOPs. The budget is spread by one energy
@@ -165,7 +178,10 @@ def compress(
         Modify ``model`` itself; by default a deep copy is compressed and ``model`` is never
         modified. Layers are swapped in only once all of them are built.
     implementation : {"auto", "factorized", "reconstructed"}
-        How factorized layers run (FLOP budgets always run factorized).
+        How factorized layers run (FLOP budgets always run factorized). With ``"auto"`` and a
+        known input shape each layer's two executions are timed on its actual input shape
+        and device and the faster kept (:func:`tt_conv.budget.measured_implementation`);
+        without one, the layers' own estimate decides.
     decomposition_options : dict, optional
         ``{"cp": {...}, "tucker": {...}, "tt": {...}}``: keyword arguments for the
         decompositions (see :mod:`tt_conv.decompose`).
@@ -196,12 +212,26 @@ def compress(
                                   overrides=settings.overrides)
     probe = probe_model(model, entries, shape_inputs, calibration_inputs, settings,
                         "input_shape" if input_shape is not None else "calibration")
-    jobs = plan_jobs(entries, probe)
-    allocation = plan_global_budget(jobs)
-    outcomes = factorize_layers(jobs, allocation, probe, settings)
-    compressed, kernel_only = assemble(model, outcomes, probe, inplace)
-    return compressed, build_report(model, compressed, entries, outcomes, probe, settings,
-                                    allocation, kernel_only)
+    jobs = plan_jobs(entries, probe, settings.implementation)
+    latency = LatencyPlan.measure(model, jobs, probe, settings.spec)
+    while True:
+        allocation = plan_global_budget(jobs, latency.conv_fraction if latency else None)
+        outcomes = factorize_layers(jobs, allocation, probe, settings)
+        compressed, kernel_only = assemble(model, outcomes, probe, inplace and latency is None)
+        if latency is None or not latency.again((allocation, outcomes, compressed, kernel_only),
+                                                 compressed, probe):
+            break
+    if latency is not None:
+        # The chosen attempt's layers, into a fresh copy (a calibration run's working copy
+        # holds the last attempt's) or into the model itself.
+        allocation, outcomes, _, kernel_only = latency.result
+        compressed = _replaced(model, {n: o.layer for n, o in outcomes.items()
+                                       if o.layer is not None}, inplace)
+    report = build_report(model, compressed, entries, outcomes, probe, settings, allocation,
+                          kernel_only)
+    if latency is not None:
+        latency.annotate(report)
+    return compressed, report
 
 
 # =========================================================================== phases
@@ -318,9 +348,12 @@ def probe_model(model: nn.Module, entries: Sequence[ConvEntry], shape_inputs, ba
     return probe
 
 
-def plan_jobs(entries: Sequence[ConvEntry], probe: Probe) -> List[Union[LayerJob, ConvEntry]]:
+def plan_jobs(entries: Sequence[ConvEntry], probe: Probe, implementation: str = "auto"
+              ) -> List[Union[LayerJob, ConvEntry]]:
     """Phase 4: a :class:`~tt_conv.factorize.LayerJob` per layer to factorize (the entry
-    itself for a layer that stays dense), in the model's order."""
+    itself for a layer that stays dense), in the model's order. The dense layer's time is
+    measured where the execution or the budget is (latency budgets; ``"auto"`` with known
+    shapes, except under FLOP budgets)."""
     jobs: List[Union[LayerJob, ConvEntry]] = []
     for entry in entries:
         if not entry.to_factorize:
@@ -333,7 +366,7 @@ def plan_jobs(entries: Sequence[ConvEntry], probe: Probe) -> List[Union[LayerJob
                 f"factorization='auto' (layer {name!r}) needs a budget or a data-driven rank "
                 f"to compare factorizations at equal cost, not explicit ranks {spec.value}"
             )
-        if spec.kind == "flops" and shape is None:
+        if spec.needs_shapes and shape is None:
             if probe.shape_inputs is None:
                 raise ValueError(
                     f"rank {spec.describe()!r} for layer {name!r} needs the layer's input "
@@ -347,12 +380,97 @@ def plan_jobs(entries: Sequence[ConvEntry], probe: Probe) -> List[Union[LayerJob
             input_shape=shape, dense_params=count_parameters(entry.module),
             dense_flops=layer_flops(entry.plain, shape) if shape is not None else None,
             baked=entry.baked,
+            dense_latency=conv_latency(entry.plain, None, None, shape)
+            if shape is not None and (spec.metric == "latency" or (
+                implementation == "auto" and spec.kind != "flops")) else None,
         ))
     return jobs
 
 
-def plan_global_budget(jobs: Sequence[Union[LayerJob, ConvEntry]]) -> Dict[str, Allocation]:
-    """Phase 5: each layer's share of a global budget (empty without one)."""
+@dataclass
+class LatencyPlan:
+    """A ``{"latency": f}`` budget: the dense model's measured time, the share of it the
+    selected convolutions may keep, and the compressed models tried.
+
+    The convolutions' first share is :func:`tt_conv.budget.conv_latency_fraction` of their
+    own measured latencies (what is not convolution does not shrink). Layers timed one by
+    one do not add up exactly to the model's time, so each compressed model is measured
+    whole and the share corrected (scaled by target / measured until one model is under the
+    target and one over, then bisected), at most ``ATTEMPTS`` allocations in all. The result
+    is the model with the largest share (the least kernel error) that held the target, or,
+    if none did, the last one (with a warning); the report says which.
+    """
+
+    ATTEMPTS = 4
+    #: Stop once a model that holds the target uses this much of it.
+    CLOSE_ENOUGH = 0.95
+
+    fraction: float
+    model_before: float
+    conv_before: float
+    conv_fraction: float
+    model_after: Optional[float] = None
+    attempts: int = 0
+    held_share: Optional[float] = None
+    over_share: Optional[float] = None
+    result: Any = None
+
+    @classmethod
+    def measure(cls, model, jobs, probe: Probe, spec: RankSpec) -> Optional["LatencyPlan"]:
+        if spec.kind != "latency":
+            return None
+        timed = [job for job in jobs if isinstance(job, LayerJob)]
+        model_before = measure_seconds(model, _as_args(probe.shape_inputs))
+        conv_before = sum(job.dense_latency for job in timed)
+        return cls(spec.value, model_before, conv_before,
+                   conv_latency_fraction(spec.value, model_before, conv_before))
+
+    def again(self, result, compressed, probe: Probe) -> bool:
+        """Record one compressed model; whether to allocate again (``conv_fraction`` is then
+        the next share to try)."""
+        self.attempts += 1
+        measured = measure_seconds(compressed, _as_args(probe.shape_inputs))
+        ratio = measured / self.model_before
+        share = self.conv_fraction
+        if ratio <= self.fraction:
+            if self.held_share is None or share > self.held_share:
+                self.held_share, self.result, self.model_after = share, result, measured
+            close = ratio >= self.CLOSE_ENOUGH * self.fraction or share >= 1.0
+        else:
+            self.over_share = share if self.over_share is None else min(self.over_share, share)
+            if self.held_share is None:
+                self.result, self.model_after = result, measured
+            close = False
+        if close or self.attempts >= self.ATTEMPTS:
+            return False
+        if self.held_share is not None and self.over_share is not None:
+            self.conv_fraction = 0.5 * (self.held_share + self.over_share)
+        else:
+            self.conv_fraction = min(1.0, max(1e-3, share * self.fraction / ratio))
+        return self.conv_fraction != share
+
+    def annotate(self, report: CompressionReport) -> None:
+        report.model_latency_before = self.model_before
+        report.model_latency_after = self.model_after
+        report.latency_target = self.fraction
+        report.notes.append(
+            f"latency budget: {self.attempts} allocation(s) measured; the convolutions keep "
+            f"{(self.held_share or self.conv_fraction):.3g} of their own measured time")
+        if self.model_after > self.fraction * self.model_before:
+            warnings.warn(
+                f"rank={{'latency': {self.fraction:g}}}: the compressed model measured "
+                f"{self.model_after / self.model_before:.3f} of the dense model's latency "
+                f"after {self.attempts} allocations; the target was not held", stacklevel=3)
+
+
+def _as_args(inputs):
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def plan_global_budget(jobs: Sequence[Union[LayerJob, ConvEntry]],
+                       fraction: Optional[float] = None) -> Dict[str, Allocation]:
+    """Phase 5: each layer's share of a global budget (empty without one); ``fraction``
+    replaces the spec's (the convolutions' share of a latency budget)."""
     under = [job for job in jobs if isinstance(job, LayerJob) and job.spec.global_budget]
     if not under:
         return {}
@@ -366,8 +484,8 @@ def plan_global_budget(jobs: Sequence[Union[LayerJob, ConvEntry]]) -> Dict[str, 
     layers = [GlobalLayer(job.name, job.conv,
                           "tucker" if job.factorization == "auto" else job.factorization,
                           job.kernel, job.dense_cost, job.input_shape) for job in under]
-    energy, allocation = shared_energy_allocation(layers, spec.value, spec.metric,
-                                                  spec.min_rank)
+    energy, allocation = shared_energy_allocation(
+        layers, spec.value if fraction is None else fraction, spec.metric, spec.min_rank)
     allocation = dict(allocation)
     allocation["__energy__"] = energy  # type: ignore[assignment]
     return allocation

@@ -8,8 +8,11 @@ switched): TT-SVD is :func:`tensorly.decomposition.tensor_train`, and CP's ``"sv
 ``"random"`` starts are TensorLy's. CP-ALS and Tucker's HOOI are written here on Gram
 matrices and two contractions per sweep: TensorLy's ``parafac`` forms a Khatri-Rao product
 per mode and ``partial_tucker`` an SVD of each long unfolding, which made factorizing every
-convolution of a ResNet-50 take minutes. The tests check both against TensorLy (same
-Tucker subspaces; CP errors no larger than ``parafac``'s).
+convolution of a ResNet-50 take minutes. On large kernels (a 512 x 256 x 64 layer at rank
+2,517) ALS forms its products block by block (:data:`_BLOCK_ELEMENTS`) and starts from the
+closest of three orthogonal expansions (see :func:`cp`). The tests check both against
+TensorLy (same Tucker subspaces; CP errors no larger than ``parafac``'s).
+``benchmarks/decompositions.py`` times every factorization of real networks layer by layer.
 """
 
 from __future__ import annotations
@@ -96,14 +99,20 @@ def cp(
     * the ``"structured"`` initialisation expands the tensor into mutually orthogonal
       rank-one terms by nested SVDs (mode by mode, largest mode first) and keeps the ``R``
       largest; the discarded terms' norm is exactly the starting error, so ALS starts from
-      a close approximation instead of from random or padded factors;
+      a close approximation instead of from random or padded factors. The same expansion
+      of the tensor's slices along its largest and second-largest modes (each filter, or
+      each input channel, expanded on its own) is tried too and the closest start kept:
+      trained 1-D kernels (a 512 x 256 x 64 pitch-network layer) are nearly low rank filter
+      by filter, which ALS finds only after hundreds of sweeps from the other start;
     * when ``rank`` fits the largest mode (and, merged with a few small modes, the second),
       the generalised eigenvalue decomposition (:func:`_gevd_init`) is tried as a start too,
       and the better start is kept: exact for exactly low-rank kernels;
-    * each ALS sweep contracts the tensor with a factor matrix only twice (once over the
-      second-largest mode to update the largest, once over the largest mode for all the
-      others) instead of forming a Khatri-Rao product per mode; an extrapolation step
-      (``linesearch``) saves sweeps;
+    * each ALS sweep multiplies the tensor with a factor matrix only twice (the mode-0
+      unfolding with the Khatri-Rao product of the other factors, formed block by block, to
+      update the largest mode; the tensor with the largest mode's factor for all the others,
+      into a buffer reused across sweeps) instead of forming a whole Khatri-Rao product per
+      mode; modes of size 1 are folded away; an extrapolation step (``linesearch``) saves
+      sweeps;
     * by default (``precision="mixed"``) sweeps run in float32 while the error is above
       1 %, where float32 resolves it, and in float64 below, where exact kernels converge.
 
@@ -160,12 +169,21 @@ def cp(
     # Work with the largest mode first and the second largest second (see _cp_als).
     order = sorted(range(tensor.dim()), key=lambda m: -tensor.shape[m])
     permuted = tensor.permute(*order).contiguous()
+    alternative = None  # a second start to run the schedule from (small kernels only)
     if isinstance(init, str):
         if init == "structured":
-            factors = _structured_init(permuted, rank, generator)
+            # The nested-SVD expansion, or the slices' expansions along the two largest
+            # modes (filters, or input channels), whichever starts closest.
+            starts = [_structured_init(permuted, rank, generator, split)
+                      for split in (None, 0, 1)]
+            factors = min(starts, key=lambda start: start[1])[0]
             gevd = _gevd_init(permuted, rank, generator)
             if gevd is not None and _cp_error(permuted, gevd) < _cp_error(permuted, factors):
                 factors = gevd
+            if factors is not starts[0][0] and permuted.numel() * rank <= _SMALL_WORK:
+                # A closer start does not always end closer: where it is cheap, ALS also
+                # runs from the nested-SVD start and the better end is kept.
+                alternative = starts[0][0]
         elif init in ("svd", "random"):
             with tl.backend_context("pytorch"), warnings.catch_warnings():
                 # The SVD initialisation asks for more vectors than a small mode has;
@@ -187,7 +205,22 @@ def cp(
         factors = [f.to(tensor) * scale for f in factors]
         factors[0] = factors[0] * signs
         factors = [factors[m] for m in order]
-    n = tensor.dim()
+    # Modes of size 1 (the trailing axis of a 1-D signal run through Conv2d) only scale each
+    # term: fold them into the first factor and run ALS on the tensor without them, which
+    # saves a Gram solve per sweep; they come back as rows of ones.
+    kept = sum(size > 1 for size in permuted.shape)
+
+    def fold(factors):
+        factors = list(factors)
+        for extra in factors[kept:]:
+            factors[0] = factors[0] * extra[0]
+        return factors[:kept]
+
+    if kept < permuted.dim():
+        factors = fold(factors)
+        alternative = None if alternative is None else fold(alternative)
+        permuted = permuted.reshape(permuted.shape[:kept])
+    n = permuted.dim()
     # Gram matrices of the other factors scale as ||T||^(2(n-1)/n) once the terms are
     # balanced, so this makes the ridge independent of the kernel's magnitude.
     scale = float(torch.linalg.vector_norm(tensor)) ** (2 * (n - 1) / n)
@@ -200,23 +233,38 @@ def cp(
             return [f.to(permuted.dtype) for f in fast]
         return _cp_als(permuted, factors, n_iter_max, penalty * scale, stage_tol, linesearch)
 
-    start = factors
-    for penalty in ridge:
-        factors = stage(factors, penalty, tol)
-    if len(ridge) > 1 and _cp_error(permuted, start) < _cp_error(permuted, factors):
-        # The schedule ended worse than it began (an exactly low-rank kernel whose start was
-        # already near exact): polish the start with the last, weakest stage instead, to
-        # convergence (near an exact solution ALS may creep, so the tolerance is tighter).
-        polished = stage(start, ridge[-1], tol * 1e-3)
-        if _cp_error(permuted, polished) < _cp_error(permuted, factors):
-            factors = polished
-    inverse = [order.index(m) for m in range(n)]
+    def schedule(start):
+        factors = start
+        for penalty in ridge:
+            factors = stage(factors, penalty, tol)
+        if len(ridge) > 1 and _cp_error(permuted, start) < _cp_error(permuted, factors):
+            # The schedule ended worse than it began (an exactly low-rank kernel whose start
+            # was already near exact): polish the start with the last, weakest stage
+            # instead, to convergence (near an exact solution ALS may creep, so the
+            # tolerance is tighter).
+            polished = stage(start, ridge[-1], tol * 1e-3)
+            if _cp_error(permuted, polished) < _cp_error(permuted, factors):
+                factors = polished
+        return factors
+
+    factors = schedule(factors)
+    if alternative is not None:
+        other = schedule(alternative)
+        if _cp_error(permuted, other) < _cp_error(permuted, factors):
+            factors = other
+    ones = torch.ones(1, rank, dtype=tensor.dtype, device=tensor.device)
+    factors = factors + [ones] * (tensor.dim() - n)
+    inverse = [order.index(m) for m in range(tensor.dim())]
     factors = [factors[i] for i in inverse]
     return torch.ones(rank, dtype=tensor.dtype, device=tensor.device), factors
 
 
 #: Above this relative error, "mixed" precision runs ALS sweeps in float32.
 _MIXED_SWITCH = 1e-2
+
+#: Kernel elements times rank under which CP runs ALS from two starts when they differ
+#: (ResNet-50's stem and 3 x 3 layers up to 128 channels: a fraction of a second each).
+_SMALL_WORK = 1 << 26
 
 
 def _cp_of_matrix(tensor: torch.Tensor, rank: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -306,11 +354,33 @@ def _orthogonal_terms(tensors: torch.Tensor, limit: int):
     return weights, vectors
 
 
-def _structured_init(tensor: torch.Tensor, rank: int, generator: torch.Generator):
-    """Balanced CP factors from the ``rank`` largest orthogonal terms (see :func:`cp`)."""
-    weights, vectors = _orthogonal_terms(tensor.unsqueeze(0), rank)
-    weights, vectors = weights[0], [vec[0] for vec in vectors]
+def _structured_init(tensor: torch.Tensor, rank: int, generator: torch.Generator,
+                     split: Optional[int] = None):
+    """Balanced CP factors from the ``rank`` largest orthogonal terms (see :func:`cp`).
+
+    ``split=None`` expands the tensor by nested SVDs from its first mode; ``split=m`` takes
+    its slices along mode ``m`` and expands each (its terms are one-hot along ``m``): the
+    better start for kernels whose filters are each nearly low rank but differ from filter
+    to filter, which the SVD of the first mode spreads over many terms. Either way the terms
+    are mutually orthogonal, so the relative error of the start is known exactly from the
+    discarded weights; it is returned with the factors.
+    """
     n = tensor.dim()
+    if split is None:
+        weights, vectors = _orthogonal_terms(tensor.unsqueeze(0), rank)
+        weights, vectors = weights[0], [vec[0] for vec in vectors]
+    else:
+        slices = tensor.movedim(split, 0).contiguous()
+        per_slice, parts = _orthogonal_terms(slices, rank)
+        count, terms = per_slice.shape
+        weights, top = torch.topk(per_slice.reshape(-1), min(rank, per_slice.numel()))
+        one_hot = torch.zeros(count, top.numel(), dtype=tensor.dtype, device=tensor.device)
+        one_hot[top // terms, torch.arange(top.numel(), device=tensor.device)] = 1
+        others = [part.transpose(1, 2).reshape(count * terms, -1)[top].T for part in parts]
+        vectors = others[:split] + [one_hot] + others[split:]
+    norm2 = float(torch.sum(tensor * tensor))
+    error = math.sqrt(max(1.0 - float(torch.sum(weights * weights)) / norm2, 0.0)) \
+        if norm2 > 0 else 0.0
     share = weights.pow(1.0 / n)
     factors = [vec * share for vec in vectors]
     missing = rank - int((weights > 0).sum())
@@ -318,14 +388,14 @@ def _structured_init(tensor: torch.Tensor, rank: int, generator: torch.Generator
         # Fewer orthogonal terms than rank-one terms asked for: the tensor is exactly
         # representable already; small random columns give ALS something to work with.
         factors = [f[:, : rank - missing] for f in factors]
-        norm = float(torch.linalg.vector_norm(tensor)) or 1.0
+        norm = math.sqrt(norm2) or 1.0
         level = 1e-3 * (norm / rank) ** (1.0 / n)
         extra = [
             torch.randn(dim, missing, generator=generator, dtype=torch.float64)
             .to(tensor) * level for dim in tensor.shape
         ]
         factors = [torch.cat([f, e], dim=1) for f, e in zip(factors, extra)]
-    return factors
+    return factors, error
 
 
 def _gevd_init(tensor: torch.Tensor, rank: int, generator: torch.Generator):
@@ -384,11 +454,32 @@ def _solve_factor(mttkrp: torch.Tensor, gram: torch.Tensor, l2: float) -> torch.
     return torch.linalg.lstsq(system, mttkrp.T).solution.T
 
 
+#: Largest temporary (elements) the ALS contractions form at once: bigger blocks of a large
+#: kernel's products are split, which keeps them in cache-friendly, reused allocations
+#: instead of fresh page-faulting buffers of hundreds of MB each sweep.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _row_blocks(rows: int, per_row: int):
+    """Slices of ``range(rows)`` whose temporaries of ``per_row`` elements per row stay under
+    :data:`_BLOCK_ELEMENTS`."""
+    step = max(1, _BLOCK_ELEMENTS // max(per_row, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
 def _contract_except(partial: torch.Tensor, factors: List[torch.Tensor], keep: int) -> torch.Tensor:
     """Sum ``partial[i_1, ..., i_k, r] prod_{j != keep} factors[j][i_j, r]`` over all but ``keep``.
 
-    Contracts the largest axis first, so the intermediate shrinks fastest.
+    Contracts the largest axis first, so the intermediate shrinks fastest, in blocks of the
+    first axis (concatenated when it is the one kept, summed otherwise).
     """
+    if partial.dim() > 2 and partial.numel() > _BLOCK_ELEMENTS:
+        blocks = _row_blocks(partial.shape[0], partial[0].numel())
+        if len(blocks) > 1:
+            first = factors[0]
+            parts = [_contract_except(partial[b], [first[b], *factors[1:]], keep)
+                     for b in blocks]
+            return torch.cat(parts) if keep == 0 else sum(parts[1:], parts[0])
     axes = [j for j in range(len(factors)) if j != keep]
     alive = list(range(len(factors)))  # which factor each remaining axis belongs to
     for j in sorted(axes, key=lambda j: -factors[j].shape[0]):
@@ -401,6 +492,28 @@ def _contract_except(partial: torch.Tensor, factors: List[torch.Tensor], keep: i
     return partial
 
 
+def _mttkrp_first(by_first: torch.Tensor, others: List[torch.Tensor]) -> torch.Tensor:
+    """``T_(0) (f_1 kr ... kr f_k)``: the mode-0 unfolding times the Khatri-Rao product of the
+    other factors (C order), formed block by block over the first of them.
+
+    One long matrix product per block (its inner dimension is a block of the unfolding's
+    columns) instead of contracting a ``(n_0, ..., rank)`` intermediate mode by mode.
+    """
+    rank = others[0].shape[1]
+    tail = others[-1]
+    for factor in reversed(others[1:-1]):  # the small modes' Khatri-Rao product, once
+        tail = (factor[:, None, :] * tail[None, :, :]).reshape(-1, rank)
+    if len(others) == 1:
+        return by_first @ others[0]
+    inner = tail.shape[0]
+    out = None
+    for block in _row_blocks(others[0].shape[0], inner * rank):
+        khatri_rao = (others[0][block, None, :] * tail[None, :, :]).reshape(-1, rank)
+        columns = by_first[:, block.start * inner:block.stop * inner]
+        out = columns @ khatri_rao if out is None else out.addmm_(columns, khatri_rao)
+    return out
+
+
 def _cp_als(tensor, factors, n_iter, l2, tol, linesearch):
     """ALS sweeps on ``tensor`` (largest mode first, second largest second) from ``factors``."""
     n = tensor.dim()
@@ -409,22 +522,24 @@ def _cp_als(tensor, factors, n_iter, l2, tol, linesearch):
     norm2 = float(torch.sum(tensor * tensor))
     if norm2 == 0:
         return [torch.zeros_like(f) for f in factors]
-    by_first = tensor.reshape(dims[0], -1)  # for contracting mode 0
-    by_second = tensor.movedim(1, -1).reshape(-1, dims[1])  # for contracting mode 1
+    by_first = tensor.reshape(dims[0], -1)  # the mode-0 unfolding
     factors = [f.clone() for f in factors]
     grams = [f.T @ f for f in factors]
 
+    partial = torch.empty(math.prod(dims[1:]), rank, dtype=tensor.dtype, device=tensor.device)
+
     def sweep(factors, grams):
-        # Mode 0: contract mode 1 by one matrix product, then the small modes.
-        partial = (by_second @ factors[1]).reshape(dims[0], *dims[2:], rank)
-        mttkrp = _contract_except(partial, [factors[0], *factors[2:]], 0) if n > 2 else partial
+        # Mode 0: one product with the Khatri-Rao product of the others, in blocks.
+        mttkrp = _mttkrp_first(by_first, factors[1:])
         gram = _hadamard([g for j, g in enumerate(grams) if j != 0])
         factors[0] = _solve_factor(mttkrp, gram, l2)
         grams[0] = factors[0].T @ factors[0]
-        # Every other mode: contract mode 0 once, then the rest per mode.
-        partial = (by_first.T @ factors[0]).reshape(*dims[1:], rank)
+        # Every other mode: contract mode 0 once (into a buffer reused across sweeps), then
+        # the rest per mode.
+        torch.matmul(by_first.T, factors[0], out=partial)
+        shaped = partial.view(*dims[1:], rank)
         for m in range(1, n):
-            mttkrp = _contract_except(partial, factors[1:], m - 1)
+            mttkrp = _contract_except(shaped, factors[1:], m - 1)
             gram = _hadamard([g for j, g in enumerate(grams) if j != m])
             factors[m] = _solve_factor(mttkrp, gram, l2)
             grams[m] = factors[m].T @ factors[m]
@@ -465,11 +580,8 @@ def _cp_error(tensor, factors, grams=None, norm2=None) -> float:
         norm2 = float(torch.sum(tensor * tensor))
     if norm2 == 0:
         return 0.0
-    dims = tensor.shape
-    rank = factors[0].shape[1]
-    partial = (tensor.reshape(dims[0], -1).T @ factors[0]).reshape(*dims[1:], rank)
-    mttkrp = _contract_except(partial, factors[1:], len(factors) - 2)
-    inner = float(torch.sum(mttkrp * factors[-1]))
+    inner = float(torch.sum(_mttkrp_first(tensor.reshape(tensor.shape[0], -1), factors[1:])
+                            * factors[0]))
     norm_hat2 = float(torch.sum(_hadamard(grams)))
     return math.sqrt(max(norm2 - 2 * inner + norm_hat2, 0.0) / norm2)
 
@@ -488,7 +600,8 @@ def tucker(
     (:func:`~tt_conv.rank.clip_tucker_rank`). Starts from the truncated HOSVD and runs
     higher-order orthogonal iteration until the relative error changes by less than
     ``tol``; every leading subspace comes from the eigen-decomposition of the smaller Gram
-    matrix of the unfolding, far cheaper than an SVD of a long unfolding. Modes kept at
+    matrix of the unfolding, far cheaper than an SVD of a long unfolding, and the error of
+    each sweep from its singular values (no core is formed until the end). Modes kept at
     full rank get identity factors, and a kernel with no other mode larger than 1 (a 1x1
     convolution, a matrix) needs no iteration: its HOSVD is optimal.
 
@@ -514,12 +627,9 @@ def tucker(
         eye = [torch.eye(n, dtype=tensor.dtype, device=tensor.device) for n in rank]
         return tensor.clone(), eye
 
-    def leading(t, mode, r):
-        return _leading_singular(unfold_mode(t, mode), r)[0]
-
     factors = [
         torch.eye(tensor.shape[m], dtype=tensor.dtype, device=tensor.device) if full[m]
-        else leading(tensor, m, rank[m]) for m in modes
+        else _leading_singular(unfold_mode(tensor, m), rank[m])[0] for m in modes
     ]
     matrix_like = sum(n > 1 for m, n in enumerate(tensor.shape) if m not in modes) == 0 \
         and len(modes) == 2
@@ -527,6 +637,7 @@ def tucker(
     previous = None
     iterations = 0 if matrix_like or norm2 == 0 else n_iter_max
     for _ in range(iterations):
+        kept = 0.0  # ||core||^2 after this sweep's last update
         for m in modes:
             if full[m]:
                 continue
@@ -534,9 +645,11 @@ def tucker(
             for j in modes:
                 if j != m and not full[j]:
                     projected = mode_product(projected, factors[j].T, j)
-            factors[m] = leading(projected, m, rank[m])
-        core = _project(tensor, factors, modes, full)
-        error = math.sqrt(max(norm2 - float(torch.sum(core * core)), 0.0) / norm2)
+            factors[m], singular = _leading_singular(unfold_mode(projected, m), rank[m])[:2]
+            kept = float(torch.sum(singular * singular))
+        # The core of the last update is U_m^T times that projection: its norm is the sum of
+        # the kept squared singular values, so the error needs no projection of its own.
+        error = math.sqrt(max(norm2 - kept, 0.0) / norm2)
         if previous is not None and abs(previous - error) < tol:
             break
         previous = error

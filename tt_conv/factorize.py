@@ -26,7 +26,13 @@ from torch import nn
 from . import calibrate
 from . import rank as _rank
 from ._checks import FACTORIZATIONS
-from .budget import Allocation, layer_budget_rank, unshrinkable_reason
+from .budget import (
+    Allocation,
+    factorized_flops,
+    layer_budget_rank,
+    measured_implementation,
+    unshrinkable_reason,
+)
 from .decompose import relative_error
 from .layers import FactorizedConv
 from .layers.base import conv_geometry
@@ -51,10 +57,13 @@ class LayerJob:
     dense_params: int
     dense_flops: Optional[int]
     baked: str = ""
+    #: Measured seconds of the dense layer's forward pass on ``input_shape`` (latency budgets).
+    dense_latency: Optional[float] = None
 
     @property
-    def dense_cost(self) -> int:
-        return self.dense_flops if self.spec.metric == "flops" else self.dense_params
+    def dense_cost(self):
+        return {"flops": self.dense_flops, "latency": self.dense_latency}.get(
+            self.spec.metric, self.dense_params)
 
     @property
     def group_dims(self) -> Tuple[int, ...]:
@@ -89,6 +98,7 @@ class Candidate:
     flops: Optional[int]
     kernel_error: float
     fit: str = "kernel"
+    latency: Optional[float] = None
     output_error: Optional[float] = None
     standardized_error: Optional[float] = None
     downstream: Optional[float] = None
@@ -141,11 +151,14 @@ def data_driven_ranks(job: LayerJob, factorization: str) -> Tuple[int, ...]:
 
 
 def _budget_ranks(job: LayerJob, factorization: str, fraction: float) -> Tuple[int, ...]:
+    # Under a latency budget the factorizations of "auto" are compared at the FLOPs of the
+    # allocated ranks (see _auto_fraction), then held to the allocated measured latency.
+    metric = "flops" if job.spec.metric == "latency" else job.spec.metric
     try:
-        return layer_budget_rank(job.conv, factorization, fraction, metric=job.spec.metric,
+        return layer_budget_rank(job.conv, factorization, fraction, metric=metric,
                                  input_shape=job.input_shape)
     except ValueError as error:
-        reason = None if job.spec.metric == "flops" else unshrinkable_reason(
+        reason = None if metric == "flops" else unshrinkable_reason(
             job.conv, factorization, fraction)
         raise LeftDense(reason or str(error)) from None
 
@@ -167,6 +180,9 @@ def _auto_fraction(job: LayerJob, allocation: Optional[Allocation]) -> float:
             bias = conv_geometry(job.conv)[2]
             return (allocation.cost - (0 if bias is None else bias.numel())) / math.prod(
                 kernel_shape(job.conv))
+        if job.spec.metric == "latency":
+            return factorized_flops(job.conv, allocation.factorization, allocation.ranks,
+                                    job.input_shape) / job.dense_flops
         return allocation.cost / job.dense_cost
     if job.spec.is_budget:
         return job.spec.value
@@ -192,6 +208,10 @@ def planned_ranks(job: LayerJob, allocation: Optional[Allocation]
         if not plans:
             raise LeftDense(reasons[0] if reasons else
                             f"no factorization fits {fraction:.3g} of its {job.spec.metric}")
+        if allocation is not None and job.spec.metric == "latency":
+            # The allocated ranks themselves, which fit the latency share by construction.
+            plans = [(f, allocation.ranks if f == allocation.factorization else r)
+                     for f, r in plans]
         return plans, ""
     if allocation is not None:
         return [(allocation.factorization, allocation.ranks)], ""
@@ -221,6 +241,15 @@ def _decomposed(job: LayerJob, factorization: str, ranks, implementation: str,
         implementation="factorized" if job.spec.kind == "flops" else implementation,
         **options.get(factorization, {}),
     )
+    latency = None
+    if job.input_shape is not None and (job.spec.metric == "latency" or (
+            implementation == "auto" and job.spec.kind != "flops")):
+        # The execution that is faster on this device and this input shape, measured
+        # (FLOP budgets always run factorized: that is what they count).
+        choice, times = measured_implementation(job.conv, factorization, layer.rank,
+                                                job.input_shape)
+        layer.set_implementation(choice)
+        latency = times[choice]
     if weighting is not None:
         _, inverse, scales = weighting
         calibrate.unweight_factors(layer, inverse, scales)
@@ -233,7 +262,7 @@ def _decomposed(job: LayerJob, factorization: str, ranks, implementation: str,
         params=count_parameters(layer),
         flops=None if job.input_shape is None else layer.flops(job.input_shape),
         kernel_error=relative_error(layer.reconstruct_kernel(), job.kernel),
-        fit="kernel" if weighting is None else "data",
+        fit="kernel" if weighting is None else "data", latency=latency,
     )
 
 
@@ -252,7 +281,7 @@ def _refitted(candidate: Candidate, data: LayerData, kernel: torch.Tensor) -> Op
         return None
     return Candidate(
         factorization=candidate.factorization, ranks=candidate.ranks, layer=layer,
-        params=candidate.params, flops=candidate.flops,
+        params=candidate.params, flops=candidate.flops, latency=candidate.latency,
         kernel_error=relative_error(layer.reconstruct_kernel(), kernel), fit="data+refit",
         note=f"refit: ridge {result.ridge:g}, {result.channels_refit} of "
              f"{layer.out_channels} channels",
@@ -282,10 +311,18 @@ def _better(candidate: Candidate, held: Candidate) -> bool:
     return candidate.fit_key() < held.fit_key()
 
 
-def _shrinks(candidate: Candidate, job: LayerJob) -> bool:
+def _shrinks(candidate: Candidate, job: LayerJob, allocation: Optional[Allocation] = None
+             ) -> bool:
     if job.spec.metric == "flops":
         return candidate.flops is not None and candidate.flops < job.dense_flops
+    if job.spec.metric == "latency":
+        limit = job.dense_latency if allocation is None else allocation.cost
+        return candidate.latency is not None and candidate.latency <= limit
     return candidate.params < job.dense_params
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "?" if seconds is None else f"{seconds * 1e3:.3g} ms"
 
 
 # --------------------------------------------------------------------------- one layer
@@ -302,12 +339,14 @@ def factorize_layer(job: LayerJob, allocation: Optional[Allocation], *, implemen
         With ``strict=True``, for a layer that cannot be factorized within its budget.
     """
     base = dict(name=job.name, kernel_shape=kernel_shape(job.conv),
-                params_before=job.dense_params, flops_before=job.dense_flops)
+                params_before=job.dense_params, flops_before=job.dense_flops,
+                latency_before=job.dense_latency)
 
     def dense(note, over_budget=False):
         return LayerOutcome(LayerReport(**base, factorization="dense", ranks=None,
                                         params_after=job.dense_params,
-                                        flops_after=job.dense_flops, note=note), None,
+                                        flops_after=job.dense_flops,
+                                        latency_after=job.dense_latency, note=note), None,
                             over_budget=over_budget)
 
     try:
@@ -332,14 +371,20 @@ def factorize_layer(job: LayerJob, allocation: Optional[Allocation], *, implemen
             refitted = _refitted(weighted, data, job.kernel)
             if refitted is not None:
                 candidates.append(refitted)
-    shrinking = [c for c in candidates if _shrinks(c, job)]
+    shrinking = [c for c in candidates if _shrinks(c, job, allocation)]
     if not shrinking:
         best = min(candidates, key=lambda c: c.kernel_error)
         metric = job.spec.metric
-        after = best.flops if metric == "flops" else best.params
-        before = job.dense_flops if metric == "flops" else job.dense_params
-        what = "FLOPs" if metric == "flops" else "parameters"
-        reason = f"{best.factorization} at ranks {best.ranks} would have {after:,} {what} >= {before:,}"
+        if metric == "latency":
+            reason = (f"{best.factorization} at ranks {best.ranks} measured "
+                      f"{_ms(best.latency)} > {_ms(job.dense_latency if allocation is None else allocation.cost)}"
+                      f" allowed")
+        else:
+            after = best.flops if metric == "flops" else best.params
+            before = job.dense_flops if metric == "flops" else job.dense_params
+            what = "FLOPs" if metric == "flops" else "parameters"
+            reason = (f"{best.factorization} at ranks {best.ranks} would have {after:,} {what} "
+                      f">= {before:,}")
         if strict and job.spec.kind != "explicit":
             raise ValueError(f"layer {job.name!r}: {reason} (strict=True)")
         return dense(f"left dense: {reason}")
@@ -370,5 +415,7 @@ def factorize_layer(job: LayerJob, allocation: Optional[Allocation], *, implemen
         **base, factorization=best.factorization, ranks=best.ranks, params_after=best.params,
         flops_after=best.flops, kernel_error=best.kernel_error,
         output_error=best.output_error, note="; ".join(notes),
+        latency_after=best.latency,
+        implementation=best.layer.implementation,
     )
     return LayerOutcome(row, best.layer, kernel_fit.layer if kernel_fit is not None else None)

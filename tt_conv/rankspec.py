@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from ._checks import FACTORIZATIONS, check_fraction, check_min_rank, check_rank_value
 
 FACTORIZATION_CHOICES = (*FACTORIZATIONS, "auto")
-SELECTORS = ("params", "flops", "evbmf", "energy", "error")
+SELECTORS = ("params", "flops", "latency", "evbmf", "energy", "error")
 MODIFIERS = ("min_rank", "global")
 
 
@@ -18,13 +18,14 @@ class RankSpec:
 
     Attributes
     ----------
-    kind : {"explicit", "params", "flops", "evbmf", "energy", "error"}
+    kind : {"explicit", "params", "flops", "latency", "evbmf", "energy", "error"}
     value : int, tuple of int or float
-        Explicit ranks, the fraction kept (params, flops), the EVBMF weakening factor, the
-        energy fraction kept, or the relative error allowed.
+        Explicit ranks, the fraction kept (params, flops, the whole model's measured
+        latency), the EVBMF weakening factor, the energy fraction kept, or the relative
+        error allowed.
     global_budget : bool
         Spread a total ``params``/``flops`` target over the layers instead of one fraction
-        per layer.
+        per layer (always true for ``latency``: it is the whole model's).
     min_rank : int
         Lower bound on every data-driven rank.
     """
@@ -36,12 +37,17 @@ class RankSpec:
 
     @property
     def is_budget(self) -> bool:
-        return self.kind in ("params", "flops")
+        return self.kind in ("params", "flops", "latency")
+
+    @property
+    def needs_shapes(self) -> bool:
+        """Whether the budget is priced on each layer's input shape (FLOPs, latency)."""
+        return self.kind in ("flops", "latency")
 
     @property
     def metric(self) -> str:
-        """What "shrinking" is measured in: FLOPs for FLOP budgets, parameters otherwise."""
-        return "flops" if self.kind == "flops" else "params"
+        """What "shrinking" is measured in: FLOPs, measured seconds, else parameters."""
+        return self.kind if self.kind in ("flops", "latency") else "params"
 
     def describe(self) -> str:
         if self.kind == "explicit":
@@ -49,11 +55,12 @@ class RankSpec:
         text = {
             "params": f"{self.value:g} of the parameters",
             "flops": f"{self.value:g} of the FLOPs",
+            "latency": f"{self.value:g} of the dense model's measured latency",
             "evbmf": f"EVBMF (weakening {self.value:g})",
             "energy": f"{self.value:g} of the spectral energy",
             "error": f"relative error {self.value:g}",
         }[self.kind]
-        if self.global_budget:
+        if self.global_budget and self.kind != "latency":
             text += " over all selected convolutions (global)"
         if self.min_rank > 1:
             text += f", min rank {self.min_rank}"
@@ -99,10 +106,12 @@ def parse_rank(rank) -> RankSpec:
         global_budget = rank.get("global", False)
         if not isinstance(global_budget, bool):
             raise TypeError(f"rank['global'] must be True or False, got {global_budget!r}")
-        if global_budget and kind not in ("params", "flops"):
+        if global_budget and kind not in ("params", "flops", "latency"):
             raise ValueError(
-                f"rank['global'] applies to 'params' and 'flops' targets, not {kind!r}"
+                f"rank['global'] applies to 'params', 'flops' and 'latency' targets, not {kind!r}"
             )
+        if kind == "latency":
+            global_budget = True  # a fraction of the whole model's latency
         if kind == "evbmf":
             value = 1.0 if value is True else value
             check_fraction(value, "rank['evbmf'] (the weakening factor)", allow_zero=True)

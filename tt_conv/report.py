@@ -16,7 +16,10 @@ class LayerReport:
 
     ``factorization`` is ``"dense"`` for a layer left as it was (``note`` says why);
     FLOP fields are None without an input shape, ``output_error`` None without a
-    calibration batch.
+    calibration batch. ``latency_before``/``latency_after`` are measured seconds of the
+    layer's forward pass on its input shape (dense, and as it now runs) when they were
+    measured (latency budgets, the measured execution choice); ``implementation`` says how a
+    factorized layer runs.
     """
 
     name: str
@@ -30,6 +33,9 @@ class LayerReport:
     kernel_error: Optional[float] = None
     output_error: Optional[float] = None
     note: str = ""
+    latency_before: Optional[float] = None
+    latency_after: Optional[float] = None
+    implementation: Optional[str] = None
 
 
 @dataclass
@@ -51,6 +57,11 @@ class CompressionReport:
     model_output_error: Optional[float] = None
     shared_energy: Optional[float] = None
     notes: List[str] = field(default_factory=list)
+    #: Measured seconds of the whole model's forward pass on ``input_shape``, dense and
+    #: compressed (latency budgets), and the fraction asked for.
+    model_latency_before: Optional[float] = None
+    model_latency_after: Optional[float] = None
+    latency_target: Optional[float] = None
     #: What ``model_output_error`` and the layers' output errors were measured on.
     measured_on: str = "the calibration batch"
 
@@ -92,6 +103,9 @@ class CompressionReport:
             "model_flops_after": self.model_flops_after,
             "model_flops_reduction": ratio(self.model_flops_before, self.model_flops_after),
             "model_output_error": self.model_output_error,
+            "model_latency_before": self.model_latency_before,
+            "model_latency_after": self.model_latency_after,
+            "model_speedup": ratio(self.model_latency_before, self.model_latency_after),
             "layers_factorized": sum(r.factorization != "dense" for r in self.layers),
             "layers_dense": sum(r.factorization == "dense" for r in self.layers),
         }
@@ -127,6 +141,9 @@ class CompressionReport:
     def _table(self) -> Tuple[List[str], List[List[str]], List[str]]:
         header = ["layer", "kernel", "method", "ranks", "params", "FLOPs", "kernel err",
                   "output err"]
+        timed = any(r.latency_before is not None for r in self.layers)
+        if timed:
+            header.append("latency (ms)")
         rows = []
         for r in self.layers:
             rows.append([
@@ -139,7 +156,7 @@ class CompressionReport:
                 else f"{_human(r.flops_before)} -> {_human(r.flops_after)}",
                 _error(r.kernel_error),
                 _error(r.output_error),
-            ])
+            ] + ([_latency(r)] if timed else []))
         t = self.totals()
         total = [
             "total (convs)", "", "", "",
@@ -149,7 +166,7 @@ class CompressionReport:
             f"{_human(t['conv_flops_before'])} -> {_human(t['conv_flops_after'])} "
             f"({_times(t['conv_flops_reduction'])})",
             "", "",
-        ]
+        ] + ([""] if timed else [])
         lines = [
             f"model parameters: {_human(t['model_params_before'])} -> "
             f"{_human(t['model_params_after'])} ({_times(t['model_params_reduction'])})",
@@ -160,6 +177,15 @@ class CompressionReport:
                 f"{_human(t['model_flops_before'])} -> {_human(t['model_flops_after'])} "
                 f"({_times(t['model_flops_reduction'])})"
             )
+        if self.model_latency_before is not None and self.model_latency_after is not None:
+            lines.append(
+                f"measured model latency at input {tuple(self.input_shape)}: "
+                f"{self.model_latency_before * 1e3:.4g} ms -> {self.model_latency_after * 1e3:.4g} ms "
+                f"({self.model_latency_after / self.model_latency_before:.3f} of dense"
+                + ("" if self.latency_target is None else
+                   f", target {self.latency_target:g}: "
+                   + ("held" if self.model_latency_after <= self.latency_target
+                      * self.model_latency_before else "NOT held")) + ")")
         if t["model_output_error"] is not None:
             lines.append(f"relative output error of the model on {self.measured_on}: "
                          f"{t['model_output_error']:.4g}")
@@ -215,6 +241,14 @@ def _times(ratio: Optional[float]) -> str:
     if ratio < 1:
         return f"{1 / ratio:.2f}x larger"
     return f"{ratio:.2f}x smaller"
+
+
+def _latency(row: LayerReport) -> str:
+    if row.latency_before is None:
+        return "-"
+    after = "-" if row.latency_after is None else f"{row.latency_after * 1e3:.3g}"
+    how = f" ({row.implementation})" if row.implementation and row.factorization != "dense" else ""
+    return f"{row.latency_before * 1e3:.3g} -> {after}{how}"
 
 
 def _error(value: Optional[float]) -> str:

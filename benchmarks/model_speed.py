@@ -1,0 +1,170 @@
+"""Inference speed of compressed models against the dense one, measured side by side.
+
+A model (a torchvision ResNet-50 with random weights) is compressed once per
+factorization with ``tt_conv.compress`` at a rank target (default: a third of its conv
+FLOPs, ``rank={"flops": 0.33, "global": True}`` on a 1 x 3 x 224 x 224 input; ``--rank
+'{"latency": 0.5}' --compress-batch 8`` asks for half the measured latency at batch 8
+instead), then the dense model
+and every compressed one run forward in inference mode, channels-last, at each batch size
+and precision (fp32; bf16 under ``torch.autocast``), in interleaved rounds (dense, cp,
+tucker, tt, dense, ...) so that a machine's drift hits all of them alike. The table gives
+the median time per batch and the speed-up over dense of the same round set.
+
+bf16 convolutions are only fast on CPUs with AMX (or on GPUs): elsewhere the bf16 rows say
+what the machine does, not what the library can do; the machine line says which it is.
+
+Run from the repository root::
+
+    PYTHONPATH=. python benchmarks/model_speed.py --json speed.json --markdown speed.md
+    PYTHONPATH=. python benchmarks/model_speed.py --batches 1 --precisions fp32 --rounds 3
+    PYTHONPATH=. python benchmarks/model_speed.py --rank '{"latency": 0.5}' --compress-batch 8 \
+        --factorizations tucker auto --batches 8 --precisions fp32
+
+The compressed models are built with ``implementation`` (default ``"auto"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tt_conv  # noqa: E402
+from compress_pretrained import machine_description  # noqa: E402
+from tt_conv.report import write_text_atomic  # noqa: E402
+
+FACTORIZATIONS = ("cp", "tucker", "tt")
+CHOICES = (*FACTORIZATIONS, "auto")
+
+
+def resnet50(seed: int = 0):
+    import torchvision
+
+    torch.manual_seed(seed)
+    return torchvision.models.resnet50(weights=None).eval()
+
+
+def precision_context(precision: str, device: str):
+    if precision == "bf16":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def time_forward(model, x, precision: str, repeats: int) -> float:
+    """Median seconds of one forward pass (after one warm-up pass)."""
+    device = x.device.type
+    times = []
+    with torch.inference_mode(), precision_context(precision, device):
+        model(x)
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--factorizations", nargs="*", default=list(FACTORIZATIONS),
+                        choices=CHOICES)
+    parser.add_argument("--rank", default='{"flops": 0.33, "global": true}',
+                        help="tt_conv.compress's rank= as JSON")
+    parser.add_argument("--compress-batch", type=int, default=1,
+                        help="batch of the input_shape given to compress")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
+    parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"],
+                        choices=("fp32", "bf16"))
+    parser.add_argument("--implementation", default="auto",
+                        choices=("auto", "factorized", "reconstructed"))
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per round")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    dense = resnet50()
+    models = {"dense": dense}
+    compress_seconds = {}
+    shape = (args.compress_batch, 3, args.size, args.size)
+    rank = json.loads(args.rank)
+    for factorization in args.factorizations:
+        start = time.perf_counter()
+        model, report = tt_conv.compress(dense, factorization, rank, input_shape=shape,
+                                         implementation=args.implementation, progress=False)
+        compress_seconds[factorization] = time.perf_counter() - start
+        totals = report.totals()
+        print(f"{factorization}: compressed in {compress_seconds[factorization]:.1f} s, conv "
+              f"FLOPs {totals['conv_flops_before'] / 1e9:.2f}G -> "
+              f"{totals['conv_flops_after'] / 1e9:.2f}G"
+              + ("" if report.model_latency_after is None else
+                 f", measured latency {report.model_latency_after / report.model_latency_before:.3f}"
+                 f" of dense at compress time"), flush=True)
+        models[factorization] = model
+    for name in models:
+        models[name] = models[name].to(device).to(memory_format=torch.channels_last)
+
+    rows = []
+    for precision in args.precisions:
+        for batch in args.batches:
+            x = torch.randn(batch, 3, args.size, args.size, device=device)
+            x = x.contiguous(memory_format=torch.channels_last)
+            samples = {name: [] for name in models}
+            for _ in range(args.rounds):
+                for name, model in models.items():
+                    samples[name].append(time_forward(model, x, precision, args.repeats))
+            dense_s = statistics.median(samples["dense"])
+            for name in models:
+                seconds = statistics.median(samples[name])
+                rows.append({"precision": precision, "batch": batch, "model": name,
+                             "ms": seconds * 1e3, "speedup": dense_s / seconds})
+                print(f"{precision} batch {batch} {name:7s} {seconds * 1e3:9.1f} ms  "
+                      f"{dense_s / seconds:5.2f}x", flush=True)
+    results = {"machine": machine_description() if device.type == "cpu"
+               else torch.cuda.get_device_name(device),
+               "threads": args.threads, "torch": torch.__version__, "rank": rank,
+               "compress_shape": list(shape),
+               "size": args.size, "implementation": args.implementation,
+               "compress_seconds": compress_seconds, "rows": rows}
+    text = format_table(results)
+    print(text)
+    if args.json:
+        write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        write_text_atomic(args.markdown, text + "\n")
+    return results
+
+
+def format_table(results) -> str:
+    lines = [f"ResNet-50 compressed at rank={json.dumps(results['rank'])} on input "
+             f"{tuple(results['compress_shape'])}; timed at {results['size']}x{results['size']}, "
+             f"channels-last, inference mode, "
+             f"implementation={results['implementation']!r} ({results['machine']}, "
+             f"{results['threads']} threads, torch {results['torch']})", "",
+             "| precision | batch | model | ms per batch | speed-up over dense |",
+             "|---|---|---|---|---|"]
+    for row in results["rows"]:
+        lines.append(f"| {row['precision']} | {row['batch']} | {row['model']} | "
+                     f"{row['ms']:.1f} | {row['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Measured latency: the per-layer timings, the measured execution choice and the
+``{"latency": f}`` budget of :func:`tt_conv.compress`.
+
+No test asserts a speed of its own: each checks what the feature guarantees by its own
+measurements (a factorized layer is kept only where its measured time is under its share;
+the report's verdict is the one its numbers give).
+"""
+
+import importlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import tt_conv
+from tt_conv import budget as B
+from conftest import threads_fixture
+
+_one_thread = threads_fixture(1)
+
+
+def make_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()
+
+
+SHAPE = (2, 3, 24, 24)
+
+
+def test_latency_rank_spec_is_a_whole_model_budget():
+    spec = tt_conv.parse_rank({"latency": 0.5})
+    assert (spec.kind, spec.value, spec.global_budget, spec.metric) == ("latency", 0.5, True, "latency")
+    assert spec.is_budget and spec.needs_shapes
+    assert "measured latency" in spec.describe()
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        tt_conv.parse_rank({"latency": 1.5})
+
+
+def test_latency_budget_needs_an_input_shape():
+    with pytest.raises(ValueError, match="input_shape"):
+        tt_conv.compress(make_cnn(), "tucker", {"latency": 0.5}, progress=False)
+
+
+def test_conv_latency_fraction_leaves_out_what_does_not_shrink():
+    # 10 ms model, 8 ms of it convolutions: half the model is 5 ms, 3 ms of convolutions.
+    assert B.conv_latency_fraction(0.5, 0.010, 0.008) == pytest.approx(3 / 8)
+    assert B.conv_latency_fraction(1.0, 0.010, 0.008) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="other operations"):
+        B.conv_latency_fraction(0.1, 0.010, 0.008)
+
+
+def test_conv_latency_is_cached_and_measured_for_each_execution():
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    dense = B.conv_latency(conv, None, None, (1, 16, 12, 12))
+    assert dense > 0 and B.conv_latency(conv, None, None, (1, 16, 12, 12)) == dense
+    both = [B.conv_latency(conv, "tucker", (4, 4), (1, 16, 12, 12), how)
+            for how in ("factorized", "reconstructed")]
+    assert B.conv_latency(conv, "tucker", (4, 4), (1, 16, 12, 12)) == min(both)
+    choice, times = B.measured_implementation(conv, "tucker", (4, 4), (1, 16, 12, 12))
+    assert times == dict(zip(("factorized", "reconstructed"), both))
+    assert times[choice] == min(both)
+
+
+def test_measure_seconds_restores_the_training_mode_and_keeps_batch_norm_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    before = model[1].running_mean.clone()
+    assert B.measure_seconds(model, torch.randn(2, 3, 8, 8)) > 0
+    assert model.training and model[1].training
+    assert torch.equal(model[1].running_mean, before)
+
+
+@pytest.mark.parametrize("factorization", ["tucker", "auto"])
+def test_latency_budget_keeps_layers_within_their_measured_share(factorization):
+    model = make_cnn()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compressed, report = tt_conv.compress(model, factorization, {"latency": 0.7},
+                                              input_shape=SHAPE, progress=False)
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        assert compressed(x).shape == model(x).shape
+    rows = report.layers
+    assert all(r.latency_before is not None and r.latency_after is not None for r in rows)
+    factorized = [r for r in rows if r.factorization != "dense"]
+    for row in factorized:
+        # Kept only where its own measured time is below the dense layer's.
+        assert row.latency_after < row.latency_before
+        assert row.implementation in ("factorized", "reconstructed")
+    totals = report.totals()
+    assert totals["model_latency_before"] == report.model_latency_before > 0
+    held = report.model_latency_after <= 0.7 * report.model_latency_before
+    assert any("not held" in str(w.message) for w in caught) == (not held)
+    text = str(report)
+    assert "latency (ms)" in text and ("target 0.7: held" in text) == held
+
+
+def test_measured_execution_choice_under_a_parameter_budget():
+    model = make_cnn()
+    compressed, report = tt_conv.compress(model, "tucker", 0.5, input_shape=SHAPE,
+                                          progress=False)
+    for row in report.layers:
+        if row.factorization == "dense":
+            continue
+        layer = compressed.get_submodule(row.name)
+        choice, times = B.measured_implementation(model.get_submodule(row.name), "tucker",
+                                                  row.ranks, _input_shape(model, row.name))
+        assert layer.implementation == row.implementation == choice
+        assert row.latency_after == times[choice]
+
+
+def _input_shape(model, name):
+    shapes = {}
+    module = model.get_submodule(name)
+
+    def record(_, inputs):
+        shapes["x"] = tuple(inputs[0].shape)
+
+    handle = module.register_forward_pre_hook(record)
+    with torch.no_grad():
+        model(torch.zeros(SHAPE))
+    handle.remove()
+    return tuple(shapes["x"])
+
+
+def test_cli_reads_a_latency_rank():
+    from tt_conv.cli import parse_rank_argument
+
+    assert parse_rank_argument("latency:0.5") == {"latency": 0.5}
+
+
+def test_latency_plan_corrects_the_share_and_keeps_the_largest_that_held(monkeypatch):
+    C = importlib.import_module("tt_conv.compress")  # the module, not the function
+    measured = iter([0.30, 0.60, 0.48])  # seconds of a 1 s dense model, attempt by attempt
+    monkeypatch.setattr(C, "measure_seconds", lambda model, inputs: next(measured))
+    plan = C.LatencyPlan(fraction=0.5, model_before=1.0, conv_before=0.8, conv_fraction=0.3)
+    probe = C.Probe(shape_inputs=torch.zeros(1), calibration=None, data_fit=False,
+                    input_shapes={}, params_before=0, flops_before=None)
+    assert plan.again("first", None, probe)          # held at 0.30: scale the share up
+    assert plan.conv_fraction == pytest.approx(0.5)
+    assert plan.again("second", None, probe)         # over at 0.60: bisect
+    assert plan.conv_fraction == pytest.approx(0.4)
+    assert not plan.again("third", None, probe)      # held at 0.48, within 5 %: stop
+    assert (plan.result, plan.model_after, plan.held_share) == ("third", 0.48, 0.4)

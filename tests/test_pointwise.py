@@ -199,15 +199,15 @@ def test_without_a_compiler_auto_runs_eager_and_compiled_is_refused():
 
 
 @needs_compiler
-def test_a_kernel_that_used_up_its_recompilations_starts_a_fresh_copy(monkeypatch):
+def test_a_kernel_that_used_up_its_recompilations_starts_a_fresh_copy():
     """Found by benchmarks/compare_cells.py: four models and several batch sizes in one
     process hit dynamo's recompile limit (``FailOnRecompileLimitHit`` under fullgraph)."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     kernel = pointwise._Kernel(lambda a, b: torch.sigmoid(a) * b + a)
     # Sizes of 1 and sizes that differ from each other make dynamic shapes recompile.
-    for shape in [(2, 3), (1, 3), (3, 1), (4, 4), (1, 1)]:
-        a, b = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
-        torch.testing.assert_close(kernel(a, b), torch.sigmoid(a) * b + a)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for shape in [(2, 3), (1, 3), (3, 1), (4, 4), (1, 1)]:
+            a, b = (torch.randn(shape, dtype=torch.float64) for _ in range(2))
+            torch.testing.assert_close(kernel(a, b), torch.sigmoid(a) * b + a)
     assert kernel.copies > 1

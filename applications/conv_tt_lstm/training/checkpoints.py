@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from ..files import atomic_torch_save, load_tensors
+from ..files import atomic_torch_save, load_tensors, remove_stale_temporaries
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -168,6 +168,8 @@ def start_run(run_dir: PathLike, resume: Optional[str], overwrite: bool) -> Opti
     """
     run_dir = Path(run_dir)
     last_path = checkpoint_dir(run_dir) / LAST
+    # Saves killed half-way leave full-size temporary files; nothing else would remove them.
+    remove_stale_temporaries(checkpoint_dir(run_dir))
     resume_path = find_resume_checkpoint(run_dir, resume)
     if resume_path is None and last_path.is_file() and not overwrite:
         raise RunExistsError(

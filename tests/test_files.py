@@ -211,3 +211,20 @@ def test_a_real_full_disk_is_named_and_loses_nothing(tmp_path):
     assert "COMPRESS 2" in out and "LEFT ['last.pt']" in out
     assert "error: cannot write small.pt:" in result.stderr and "disk is full" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ JSON lines
+
+
+def test_json_lines_cut_last_line_is_ignored_and_corruption_is_named(tmp_path):
+    from tt_conv.files import JSONLinesError, read_json_lines
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "kind": "tr')  # a killed write
+    with pytest.warns(UserWarning, match=r"log .*log\.jsonl: its last line \(3\) was cut short"):
+        assert read_json_lines(log) == [{"step": 1}, {"step": 2}]
+    log.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    with pytest.raises(JSONLinesError, match=r"log\.jsonl, line 2: not valid JSON"):
+        read_json_lines(log)
+    log.write_text('{"step": 1}\n\n{"step": 2}')  # complete, no final newline: kept
+    assert read_json_lines(log) == [{"step": 1}, {"step": 2}]

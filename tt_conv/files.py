@@ -236,6 +236,47 @@ def atomic_torch_save(value: Any, path: PathLike) -> Path:
 # ------------------------------------------------------------------------------ reading
 
 
+class JSONLinesError(ValueError):
+    """A JSON-lines file is corrupt before its last line; the message names file and line."""
+
+
+def read_json_lines(path: PathLike, *, what: str = "log") -> List[Any]:
+    """The records of a JSON-lines file (one JSON value a line; blank lines skipped).
+
+    A half-written last line (no newline at its end and not valid JSON: what a kill or a
+    full disk leaves) is ignored with a warning naming the file; any other line that is not
+    valid JSON is an error naming the file and the line.
+
+    Raises
+    ------
+    JSONLinesError
+        A corrupt line before the last one, or a complete last line that is corrupt.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    cut = lines.pop() if lines else ""  # what follows the last newline
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise JSONLinesError(f"{what} {path}, line {number}: not valid JSON ({error.msg} "
+                                 f"at column {error.colno}); repair or remove that line"
+                                 ) from None
+    if cut.strip():
+        try:
+            records.append(json.loads(cut))
+        except json.JSONDecodeError:
+            warnings.warn(f"{what} {path}: its last line ({len(lines) + 1}) was cut short by an "
+                          f"interrupted write and is ignored")
+    return records
+
+
+
+
 def pickled_globals(source: Union[PathLike, BinaryIO]) -> Optional[List[str]]:
     """The Python objects (``module.name``) beyond tensors and plain values that a
     ``torch.save`` file or a pickle would import on load, found without running it.

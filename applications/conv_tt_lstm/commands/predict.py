@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..checks import check_output_folder
 from ..cli import CommandError, input_errors
 from .prepare import positive
 
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import predict_file
 
     try:
+        check_output_folder("--out", args.out)
         result = predict_file(
             args.checkpoint, args.input, args.future_frames, args.out,
             input_frames=args.input_frames, layout=args.layout, size=args.size,

@@ -391,3 +391,50 @@ def test_paper_preset_is_the_reference_recipe():
     assert kth.model == paper.model and kth.data.dataset == "kth"
     assert (kth.data.input_frames, kth.data.future_frames) == (10, 20)
     assert preset("quick").model.patch_size == 4
+
+
+def test_fit_time_limit_shortens_run_and_schedule_and_resumes_exactly(tmp_path, monkeypatch):
+    from applications.conv_tt_lstm.training import skeleton
+
+    # The decision itself (what fits) is tested below; here: what the run does with it.
+    monkeypatch.setattr(skeleton, "_steps_within", lambda *args: 20)
+    common = {"steps": 40, "time_limit": 3600.0, "fit_time_limit": True,
+              "checkpoint_every": 4}
+    whole = train(tiny_config(tmp_path, "whole", run=common))
+    assert whole.step == 20
+    (fit,) = records(whole.run_dir, "fit_time_limit")
+    assert fit["step"] == 15 and fit["steps"] == 20
+    schedule = last_state(whole.run_dir)["training"]["states"]["schedule"]
+    assert schedule["total_steps"] == 20 and schedule["linear_end"] == round(8 * 20 / 40)
+
+    real, calls = train_module.sequence_loss, []
+
+    def killed(*args):
+        calls.append(1)
+        if len(calls) == 18:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "sequence_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path, "part", run=common))
+    monkeypatch.setattr(train_module, "sequence_loss", real)
+    monkeypatch.setattr(skeleton, "_steps_within", lambda *args: 1 / 0)  # never asked again
+    resumed = train(tiny_config(tmp_path, "part", run=dict(common, resume="auto")))
+    assert resumed.step == 20
+    a, b = last_state(whole.run_dir), last_state(resumed.run_dir)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    lr = lambda run: [(r["step"], r["lr"]) for r in records(run, "train")]  # noqa: E731
+    assert lr(whole.run_dir) == lr(resumed.run_dir)
+
+
+def test_the_steps_that_fit_into_a_time_limit():
+    import time
+
+    from applications.conv_tt_lstm.training.skeleton import _steps_within
+
+    started = time.perf_counter() - 100.0  # 100 of 200 s left, 1 s per step, 90 % of it
+    assert 99 <= _steps_within(200.0, started, 1.0, 11, 700) <= 101
+    assert _steps_within(200.0, started, 0.01, 11, 700) == 700  # everything fits
+    assert _steps_within(50.0, started, 1.0, 11, 700) == 11  # over time already

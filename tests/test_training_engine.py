@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+import tt_conv
 from applications.conv_tt_lstm.config import ScheduleConfig
 from applications.conv_tt_lstm.model import ArchitectureConfig, VideoPredictionNetwork
 from applications.conv_tt_lstm.training.checkpoints import capture_rng_state, restore_rng_state
-from applications.conv_tt_lstm.training.distributed import DistContext, ResumableDistributedSampler
+from applications.conv_tt_lstm.training.distributed import (
+    DistContext, ResumableDistributedSampler, wrap_model,
+)
 from applications.conv_tt_lstm.precision import PrecisionError, resolve_precision
 from applications.conv_tt_lstm.training.schedules import TrainingSchedule
 
@@ -94,3 +97,41 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_wrap_model_compiles_every_cell_in_place_and_keeps_the_parameter_names():
+    model = VideoPredictionNetwork(ArchitectureConfig(hidden_channels=(4, 4), layers_per_block=1,
+                                                      skip_stride=0, kernel_size=3, rank=2))
+    names = list(model.state_dict())
+    assert wrap_model(model, DistContext(), compile=True) is model
+    assert list(model.state_dict()) == names  # checkpoints unchanged
+    cells = [m for m in model.modules() if isinstance(m, tt_conv.recurrent.RECURRENT_CELLS)]
+    assert len(cells) == 2 and all(c._compiled_call_impl is not None for c in cells)
+    assert model._compiled_call_impl is None  # the loops over time stay in Python
+
+
+def test_a_shortened_schedule_spans_the_new_length_and_survives_a_checkpoint():
+    config = ScheduleConfig(sampling="linear", linear_start=10, linear_end=280,
+                            lr_decay="cosine", warmup_steps=50)
+    schedule = TrainingSchedule(config, 2e-3, 1e-4, 700)
+    schedule.shorten(350)
+    assert schedule.total_steps == 350
+    assert (schedule.config.linear_start, schedule.config.linear_end,
+            schedule.config.warmup_steps) == (5, 140, 25)
+    assert schedule.sampling_ratio(140) == 0.0 and schedule.sampling_ratio(72) > 0.0
+    assert schedule.lr(349) == pytest.approx(1e-4, rel=1e-3)  # the cosine ends with the run
+    restored = TrainingSchedule(config, 2e-3, 1e-4, 700)
+    restored.load_state_dict(schedule.state_dict())
+    assert [restored.lr(s) for s in range(350)] == [schedule.lr(s) for s in range(350)]
+    assert restored.config == schedule.config
+    with pytest.raises(ValueError, match="1..350"):
+        schedule.shorten(351)
+
+
+def test_a_schedule_never_shortened_follows_a_longer_run_when_resumed():
+    config = ScheduleConfig(sampling="linear", linear_end=8, lr_decay="cosine")
+    state = TrainingSchedule(config, 1e-2, 0.0, 40).state_dict()
+    assert "total_steps" not in state
+    longer = TrainingSchedule(config, 1e-2, 0.0, 80)
+    longer.load_state_dict(state)
+    assert longer.total_steps == 80 and longer.config == config and not longer.shortened

@@ -25,7 +25,10 @@ from .recurrent import (
     HigherOrderConvLSTMCell,
     LSTMState,
     lstm_update,
+    compile_cells,
+    set_pointwise,
 )
+from . import pointwise
 
 __all__ += [
     "ConvTT",
@@ -34,6 +37,9 @@ __all__ += [
     "ConvTTLSTMCell",
     "LSTMState",
     "lstm_update",
+    "set_pointwise",
+    "compile_cells",
+    "pointwise",
 ]
 
 from . import budget, equivalent, profile

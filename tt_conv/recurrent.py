@@ -31,9 +31,14 @@ is advanced along its anti-diagonal: after each state, all ``order - 1`` inner c
 ONE grouped convolution, each on the value its predecessor produced one step earlier
 (:class:`ConvTT` explains why that is the same recursion).
 
-The LSTM's pointwise step has a hand-written backward (:func:`lstm_update`) and, under bf16
-autocast, runs in float32 with one cast in and one out. States follow the input's memory
-layout; channels-last is the fast one on CPU.
+The pointwise work between the convolutions (the LSTM gate maths forward and backward, the
+tensor-train sums and the dtype casts) runs fused, in as few passes over memory as the maths
+allows, by :mod:`tt_conv.pointwise`: compiled kernels where a compiler exists (inductor's C++
+on CPU, Triton on GPU), eager kernels otherwise (every cell's ``pointwise`` argument, or
+:func:`set_pointwise` on a whole model). Under autocast the tensor-train stream is kept in the
+compute dtype (bf16/fp16), which is the dtype its convolutions read, and every
+concatenation is made in that dtype, so no separate cast runs; the cell state stays float32.
+States follow the input's memory layout; channels-last is the fast one on CPU.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._geometry import as_tuple, conv_nd
+from .pointwise import POINTWISE_MODES, check_mode, empty_state, is_channels_last, lstm_update, \
+    stream_sums
 
 __all__ = [
     "ConvTT",
@@ -54,6 +61,9 @@ __all__ = [
     "HigherOrderConvLSTMCell",
     "ConvTTLSTMCell",
     "lstm_update",
+    "set_pointwise",
+    "compile_cells",
+    "POINTWISE_MODES",
 ]
 
 
@@ -122,127 +132,55 @@ def _check_input(x: torch.Tensor, n_dim: int, channels: int, name: str, module: 
         )
 
 
-def is_channels_last(x: torch.Tensor) -> bool:
-    """Whether ``x`` is laid out channels-last (channels innermost) and not also plain."""
-    if x.dim() < 3 or x.shape[1] == 1:
-        return False
-    return x.stride(1) == 1 and not x.is_contiguous()
-
-
 def zeros_state(
     like: torch.Tensor, channels: int, channels_last: bool, dtype: Optional[torch.dtype] = None
 ) -> torch.Tensor:
-    """Zeros ``[batch, channels, *spatial]`` of ``like``, optionally laid out channels-last.
+    """Zeros ``[batch, channels, *spatial]`` of ``like``, optionally laid out channels-last."""
+    return empty_state(like, channels, channels_last, dtype).zero_()
 
-    Channels-last is built for any number of spatial axes by permuting a
-    ``[batch, *spatial, channels]`` tensor, so 1-D and 3-D states get it too.
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolutions of ``x`` run in: autocast's when it is on, else ``x``'s."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _cat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Concatenate on channels in ``dtype``: one copy, instead of a promoting concatenation
+    followed by autocast's cast of the result."""
+    return torch.cat([t if t.dtype == dtype else t.to(dtype) for t in tensors], dim=1)
+
+
+def compile_cells(module: nn.Module, **options) -> nn.Module:
+    """``torch.compile`` the forward of every recurrent cell in ``module``, in place.
+
+    Each cell step (its convolutions and pointwise work) becomes one compiled graph; the
+    loops over time and layers stay in Python, so nothing is unrolled and the compilation
+    takes seconds per distinct cell shape. Inside it the pointwise work is traced as
+    plain ops and fused by that compilation. ``options`` go to :meth:`torch.nn.Module.compile`
+    (e.g. ``mode="max-autotune"``). Returns ``module``.
     """
-    batch, spatial = like.shape[0], like.shape[2:]
-    dtype = like.dtype if dtype is None else dtype
-    if not channels_last:
-        return like.new_zeros((batch, channels, *spatial), dtype=dtype)
-    n = len(spatial)
-    storage = like.new_zeros((batch, *spatial, channels), dtype=dtype)
-    return storage.permute(0, n + 1, *range(1, n + 1))
+    cells = [m for m in module.modules() if isinstance(m, _ConvLSTMBase)]
+    if not cells:
+        raise ValueError(f"compile_cells: {type(module).__name__} holds no recurrent cell")
+    for cell in cells:
+        cell.compile(**options)
+    return module
 
 
-def _empty_state(like: torch.Tensor, channels: int, channels_last: bool) -> torch.Tensor:
-    """Uninitialised ``[batch, channels, *spatial]`` like ``like``, optionally channels-last."""
-    batch, spatial = like.shape[0], like.shape[2:]
-    if channels_last:
-        n = len(spatial)
-        storage = like.new_empty((batch, *spatial, channels))
-        return storage.permute(0, n + 1, *range(1, n + 1))
-    return like.new_empty((batch, channels, *spatial))
+def set_pointwise(module: nn.Module, mode: str) -> nn.Module:
+    """Set how every recurrent cell (and :class:`ConvTT`) in ``module`` runs its pointwise
+    work: ``"auto"``, ``"compiled"`` or ``"eager"`` (see :mod:`tt_conv.pointwise`).
 
-
-class _LSTMPointwise(torch.autograd.Function):
-    """The LSTM's pointwise step with a hand-written backward.
-
-    Autograd would run about a dozen pointwise kernels (plus zero fills and
-    concatenations) for the backward of these few lines; here the gradient of the four
-    gates is written straight into one tensor in about half as many kernels, and only
-    the activations are saved. Every kernel is a pass over memory and, on a CPU, a
-    thread-synchronisation point, so this matters most when other jobs share the cores.
+    Returns ``module``.
     """
-
-    @staticmethod
-    def forward(ctx, gates: torch.Tensor, cell: torch.Tensor):
-        hidden = cell.shape[1]
-        sig = torch.sigmoid(gates[:, :3 * hidden])
-        tanh_g = torch.tanh(gates[:, 3 * hidden:])
-        i, f, o = sig.chunk(3, dim=1)
-        c = torch.addcmul(f * cell, i, tanh_g)
-        tanh_c = torch.tanh(c)
-        h = o * tanh_c
-        ctx.save_for_backward(sig, tanh_g, cell, tanh_c)
-        ctx.gates_channels_last = is_channels_last(gates)
-        return h, c
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h: torch.Tensor, grad_c: torch.Tensor):
-        sig, tanh_g, cell, tanh_c = ctx.saved_tensors
-        hidden = cell.shape[1]
-        i, f, o = sig.chunk(3, dim=1)
-        # dL/dc_t: from c_t's own consumers and through h_t = o tanh(c_t).
-        grad_cell = torch.ops.aten.tanh_backward(grad_h * o, tanh_c)
-        grad_cell += grad_c
-        # The convolution that made the gates wants its gradient in the same layout.
-        grad_gates = _empty_state(cell, 4 * hidden, ctx.gates_channels_last)
-        torch.mul(grad_cell, tanh_g, out=grad_gates[:, :hidden])                # i
-        torch.mul(grad_cell, cell, out=grad_gates[:, hidden:2 * hidden])        # f
-        torch.mul(grad_h, tanh_c, out=grad_gates[:, 2 * hidden:3 * hidden])     # o
-        head = grad_gates[:, :3 * hidden]
-        torch.ops.aten.sigmoid_backward.grad_input(head, sig, grad_input=head)
-        tail = grad_gates[:, 3 * hidden:]                                       # g
-        torch.mul(grad_cell, i, out=tail)
-        torch.ops.aten.tanh_backward.grad_input(tail, tanh_g, grad_input=tail)
-        return grad_gates, grad_cell * f
-
-
-def lstm_update(gates: torch.Tensor, cell: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The LSTM's pointwise step from gate pre-activations ``[i, f, o, g]``.
-
-    ``c_t = sigmoid(f) c_{t-1} + sigmoid(i) tanh(g)``, ``h_t = sigmoid(o) tanh(c_t)``.
-
-    Parameters
-    ----------
-    gates : torch.Tensor
-        ``[batch, 4 * hidden, *spatial]``, the four gates in the order i, f, o, g.
-    cell : torch.Tensor
-        ``c_{t-1}``, ``[batch, hidden, *spatial]``.
-
-    Returns
-    -------
-    (h_t, c_t)
-        The pointwise maths runs in the wider of the two input dtypes, and so does ``c_t``
-        (float32 under bf16 autocast, where the state starts in float32: the cell state
-        accumulates in full precision); ``h_t`` has the gates' dtype (what the next
-        convolutions read anyway: casting once here saves a cast per consumer). The
-        backward pass is hand-written (first derivatives only).
-    """
-    out_dtype = gates.dtype
-    if gates.dtype != cell.dtype:
-        # Mixed precision (bf16 gates, fp32 cell state): one cast in, one cast out, and
-        # every pointwise op in one dtype; mixed-dtype ops would cast inside each op, in
-        # the forward and again in the backward pass.
-        gates = gates.to(torch.promote_types(gates.dtype, cell.dtype))
-        cell = cell.to(gates.dtype)
-    if torch.compiler.is_compiling():
-        # The compiler fuses the plain formulation (forward and backward) by itself.
-        h, c = _lstm_pointwise(gates, cell)
-    else:
-        h, c = _LSTMPointwise.apply(gates, cell)
-    return h.to(out_dtype), c
-
-
-def _lstm_pointwise(gates: torch.Tensor, cell: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    hidden = cell.shape[1]
-    sig, g = gates.split((3 * hidden, hidden), dim=1)
-    i, f, o = torch.sigmoid(sig).chunk(3, dim=1)
-    c = torch.addcmul(f * cell, i, torch.tanh(g))
-    return o * torch.tanh(c), c
+    check_mode(mode)
+    for child in module.modules():
+        if isinstance(child, (ConvTT, _ConvLSTMBase)):
+            child.pointwise = mode
+    return module
 
 
 # ---------------------------------------------------------------------------- ConvTT
@@ -284,6 +222,9 @@ class ConvTT(nn.Module):
         cores always have one, as in the paper).
     n_dim : int, optional
         Number of spatial dimensions when ``kernel_size`` is an int (default 2).
+    pointwise : {"auto", "compiled", "eager"}
+        How the stream's additions run (:mod:`tt_conv.pointwise`; default: compiled where a
+        compiler exists).
 
     Attributes
     ----------
@@ -326,10 +267,12 @@ class ConvTT(nn.Module):
         input_channels: int = 0,
         bias: bool = True,
         n_dim: Optional[int] = None,
+        pointwise: str = "auto",
         device=None,
         dtype=None,
     ):
         super().__init__()
+        self.pointwise = check_mode(pointwise)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("order", order), ("steps", steps), ("rank", rank)):
             _positive_int(value, name)
@@ -438,7 +381,7 @@ class ConvTT(nn.Module):
                 raise ValueError(
                     f"ConvTT was built with input_channels={self.input_channels}: pass x")
             _check_input(x, self.n_dim, self.input_channels, "x", "ConvTT")
-            train = torch.cat((x, train), dim=1)
+            train = _cat((x, train), compute_dtype(train))
         elif x is not None:
             raise ValueError("ConvTT was built with input_channels=0 but x was given")
         return self._conv(train, self.output_weight, self.output_bias)
@@ -486,6 +429,9 @@ class ConvTT(nn.Module):
             ``[batch, any, *spatial]``: batch and spatial size, device (and default dtype).
         channels_last : bool
             Lay the stream's tensors out channels-last.
+        dtype : torch.dtype, optional
+            The stream's dtype (default: the compute dtype, i.e. autocast's when autocast is
+            on, else ``like``'s).
 
         Returns
         -------
@@ -497,7 +443,7 @@ class ConvTT(nn.Module):
             updates. With zero states all of them come from the biases only, so the stream
             depends on the parameters: build it in the forward pass, once per sequence.
         """
-        dtype = like.dtype if dtype is None else dtype
+        dtype = compute_dtype(like) if dtype is None else dtype
         spatial = tuple(like.shape[2:])
         rank, order = self.rank, self.order
         ones = (1,) * self.n_dim
@@ -510,8 +456,8 @@ class ConvTT(nn.Module):
                 trains[-1], self.core_weight[rows], self.core_bias[rows]))
         parts = [trains[-1], torch.cat(trains[:-1], dim=1) if order > 1 else image[:, :0]]
         parts += [image] * (self.window - 1)
-        # Materialised per sample, in the wanted layout and (at least) the wanted dtype.
-        return tuple(zeros_state(like, part.shape[1], channels_last, dtype) + part
+        # Materialised per sample, in the wanted layout and dtype.
+        return tuple(zeros_state(like, part.shape[1], channels_last, dtype) + part.to(dtype)
                      for part in parts)
 
     def stream_output(self, stream: Sequence[torch.Tensor],
@@ -525,33 +471,15 @@ class ConvTT(nn.Module):
     def stream_update(self, stream: Sequence[torch.Tensor],
                       state: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The stream after a new state ``h_t``: one projection and one grouped conv."""
-        width, rank, order = self.order * self.rank, self.rank, self.order
         inner, partials = stream[1], stream[2:]
         projection = self.project(state)
-        # split (not slicing): autograd joins the parts' gradients with one concatenation
-        # instead of zero-filling a full-size gradient per slice.
-        if self.window == 1:
-            sums = projection
-            new_partials: Tuple[torch.Tensor, ...] = ()
-        else:
-            # Block d of the projection joins the window sum of the update d steps ahead.
-            blocks = projection.split(width, dim=1)
-            sums = blocks[0] + partials[0]
-            new_partials = tuple(blocks[d + 1] + partials[d + 1]
-                                 for d in range(self.window - 2)) + (blocks[-1],)
-        if order == 1:
-            return (sums, inner) + new_partials
-        windows = sums.split(rank, dim=1)
-        # All inner cores at once: K_l reads T_l, which the previous update produced.
-        advanced = self._conv(inner, self.core_weight, self.core_bias,
-                              groups=order - 1).split(rank, dim=1)
-        train = windows[order - 1] + advanced[order - 2]
-        if order == 2:
-            inner = windows[0]
-        else:
-            inner = torch.cat([windows[0]] + [windows[l] + advanced[l - 1]
-                                              for l in range(1, order - 1)], dim=1)
-        return (train, inner) + new_partials
+        advanced = None
+        if self.order > 1:
+            # All inner cores at once: K_l reads T_l, which the previous update produced.
+            advanced = self._conv(inner, self.core_weight, self.core_bias,
+                                  groups=self.order - 1)
+        return stream_sums(projection, advanced, partials, self.order, self.rank,
+                           self.window, self.pointwise)
 
 
 # ---------------------------------------------------------------------------- cells
@@ -568,7 +496,9 @@ class _ConvLSTMBase(nn.Module):
     hidden_channels: int
     n_dim: int
 
-    def _init_geometry(self, in_channels, hidden_channels, kernel_size, n_dim) -> None:
+    def _init_geometry(self, in_channels, hidden_channels, kernel_size, n_dim,
+                       pointwise) -> None:
+        self.pointwise = check_mode(pointwise)
         _positive_int(in_channels, "in_channels")
         _positive_int(hidden_channels, "hidden_channels")
         self.n_dim, self.kernel_size = _kernel_geometry(kernel_size, n_dim)
@@ -629,7 +559,9 @@ class _ConvLSTMBase(nn.Module):
         """
         like, channels_last = self._input_like(x, channels_last, dtype, device)
         cell = zeros_state(like, self.hidden_channels, channels_last)
-        memory = tuple(zeros_state(like, c, channels_last) for c in self._memory_channels())
+        # Past hidden states in the dtype the gate convolution reads (autocast's, if on).
+        memory = tuple(zeros_state(like, c, channels_last, compute_dtype(like))
+                       for c in self._memory_channels())
         return LSTMState(cell, memory)
 
     def forward(self, x: torch.Tensor,
@@ -653,7 +585,7 @@ class _ConvLSTMBase(nn.Module):
         if state is None:
             state = self.initial_state(x)
         gates = self._gates(x, state.memory)
-        h, c = lstm_update(gates, state.cell)
+        h, c = lstm_update(gates, state.cell, self.pointwise)
         return h, LSTMState(c, self._remember(state.memory, h))
 
 
@@ -674,6 +606,9 @@ class HigherOrderConvLSTMCell(_ConvLSTMBase):
         Number of past hidden states ``N``.
     n_dim : int, optional
         Spatial dimensions when ``kernel_size`` is an int (default 2).
+    pointwise : {"auto", "compiled", "eager"}
+        How the LSTM step runs (:mod:`tt_conv.pointwise`; default: compiled where a
+        compiler exists).
 
     Attributes
     ----------
@@ -686,9 +621,10 @@ class HigherOrderConvLSTMCell(_ConvLSTMBase):
 
     def __init__(self, in_channels: int, hidden_channels: int,
                  kernel_size: Union[int, Sequence[int]], steps: int, *,
-                 n_dim: Optional[int] = None, device=None, dtype=None):
+                 n_dim: Optional[int] = None, pointwise: str = "auto", device=None,
+                 dtype=None):
         super().__init__()
-        self._init_geometry(in_channels, hidden_channels, kernel_size, n_dim)
+        self._init_geometry(in_channels, hidden_channels, kernel_size, n_dim, pointwise)
         self.steps = _positive_int(steps, "steps")
         fan_in = (in_channels + steps * hidden_channels) * math.prod(self.kernel_size)
         factory = {"device": device, "dtype": dtype}
@@ -712,7 +648,7 @@ class HigherOrderConvLSTMCell(_ConvLSTMBase):
 
     def _gates(self, x, memory):
         # memory is oldest first; the kernel reads the newest state first.
-        stacked = torch.cat((x, *memory[::-1]), dim=1)
+        stacked = _cat((x, *memory[::-1]), compute_dtype(x))
         return conv_nd(stacked, self.weight, self.bias, self._ones, self._padding,
                        self._ones, 1)
 
@@ -736,6 +672,8 @@ class ConvLSTMCell(HigherOrderConvLSTMCell):
         dimensions; an int uses ``n_dim``.
     n_dim : int, optional
         Spatial dimensions when ``kernel_size`` is an int (default 2).
+    pointwise : {"auto", "compiled", "eager"}
+        How the LSTM step runs (:mod:`tt_conv.pointwise`).
 
     Attributes
     ----------
@@ -747,9 +685,9 @@ class ConvLSTMCell(HigherOrderConvLSTMCell):
 
     def __init__(self, in_channels: int, hidden_channels: int,
                  kernel_size: Union[int, Sequence[int]], *, n_dim: Optional[int] = None,
-                 device=None, dtype=None):
+                 pointwise: str = "auto", device=None, dtype=None):
         super().__init__(in_channels, hidden_channels, kernel_size, 1, n_dim=n_dim,
-                         device=device, dtype=dtype)
+                         pointwise=pointwise, device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.hidden_channels}, kernel_size={self.kernel_size}"
@@ -775,6 +713,8 @@ class ConvTTLSTMCell(_ConvLSTMBase):
         :class:`ConvTT`).
     n_dim : int, optional
         Spatial dimensions when ``kernel_size`` is an int (default 2).
+    pointwise : {"auto", "compiled", "eager"}
+        How the LSTM step and the stream's additions run (:mod:`tt_conv.pointwise`).
 
     Attributes
     ----------
@@ -786,12 +726,13 @@ class ConvTTLSTMCell(_ConvLSTMBase):
 
     def __init__(self, in_channels: int, hidden_channels: int,
                  kernel_size: Union[int, Sequence[int]], order: int, steps: int, rank: int,
-                 *, n_dim: Optional[int] = None, device=None, dtype=None):
+                 *, n_dim: Optional[int] = None, pointwise: str = "auto", device=None,
+                 dtype=None):
         super().__init__()
-        self._init_geometry(in_channels, hidden_channels, kernel_size, n_dim)
+        self._init_geometry(in_channels, hidden_channels, kernel_size, n_dim, pointwise)
         self.tt = ConvTT(hidden_channels, 4 * hidden_channels, order, steps, rank,
-                         self.kernel_size, input_channels=in_channels, device=device,
-                         dtype=dtype)
+                         self.kernel_size, input_channels=in_channels, pointwise=pointwise,
+                         device=device, dtype=dtype)
         self.order, self.steps, self.rank = order, steps, rank
 
     def extra_repr(self) -> str:
@@ -819,3 +760,7 @@ class ConvTTLSTMCell(_ConvLSTMBase):
 
     def _remember(self, memory, h):
         return self.tt.stream_update(memory, h)
+
+
+#: The recurrent cell classes (what :func:`compile_cells` and :func:`set_pointwise` look for).
+RECURRENT_CELLS = (ConvLSTMCell, HigherOrderConvLSTMCell, ConvTTLSTMCell)

@@ -25,6 +25,7 @@ from .prepare import positive
 
 def register(subparsers) -> None:
     """Add this command's parser to ``subparsers`` (see ``cli.py``)."""
+    from ..precision import PRECISION_CHOICES
     parser = subparsers.add_parser(
         "evaluate",
         help="metrics, curves and GIF of a checkpoint on a test set",
@@ -56,7 +57,7 @@ def register(subparsers) -> None:
     run_group.add_argument("--batch-size", type=positive, default=16)
     run_group.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     run_group.add_argument("--device", help="default: cuda (this rank's GPU) if available, else cpu")
-    run_group.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    run_group.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
                            help="autocast of the model's forward (fp16: CUDA only)")
     run_group.add_argument("--max-batches", type=positive, help="stop after this many batches")
     run_group.add_argument("--release-output-sigmoid", action="store_true",

@@ -25,6 +25,7 @@ from .prepare import positive
 
 def register(subparsers) -> None:
     """Add this command's parser to ``subparsers`` (see ``cli.py``)."""
+    from ..precision import PRECISION_CHOICES
     from ..inference import ARRAY_LAYOUTS
 
     parser = subparsers.add_parser(
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
                         help="resize the frames to H x W first")
     parser.add_argument("--batch-size", type=positive, default=8)
     parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32")
     parser.add_argument("--release-output-sigmoid", action="store_true",
                         help="a release checkpoint trained with a sigmoid output")
     parser.add_argument("--figure-samples", type=positive, default=4,

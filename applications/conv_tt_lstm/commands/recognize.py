@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ..cli import CommandError, input_errors, run_training
-from .prepare import positive
+from .prepare import count, positive
 
 
 def _fractions(text: str):
@@ -38,6 +38,7 @@ def _fractions(text: str):
 
 def register(subparsers) -> None:
     """Add this command's parser to ``subparsers`` (see ``cli.py``)."""
+    from ..precision import PRECISION_CHOICES
     from ..recognition.config import PRESETS
 
     parser = subparsers.add_parser(
@@ -55,7 +56,7 @@ def register(subparsers) -> None:
     common.add_argument("--model", choices=("convttlstm", "convlstm", "hoconvlstm", "conv3d"))
     common.add_argument("--dataset", choices=("synthetic", "kth", "ssv2"))
     common.add_argument("--data-root", help="KTH: a prepare-kth folder; SSV2: its JSON + videos")
-    common.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+    common.add_argument("--precision", choices=PRECISION_CHOICES,
                         help="fp32, bf16 autocast (CPU or GPU), fp16 autocast + GradScaler (CUDA)")
     common.add_argument("--steps", type=positive, help="optimiser steps")
     common.add_argument("--batch-size", type=positive, help="clips per step per process")
@@ -66,7 +67,10 @@ def register(subparsers) -> None:
     common.add_argument("--name", help="run name: outputs go to RUNS_DIR/NAME")
     common.add_argument("--runs-dir", help="parent folder of runs (default: runs)")
     common.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    common.add_argument("--threads", type=positive, help="torch CPU threads")
+    common.add_argument("--threads", type=count,
+                        help="torch CPU threads (0: the cores other jobs leave free)")
+    common.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile every recurrent cell (the conv3d model: whole)")
     common.add_argument("--resume", help="'auto' (the run's last checkpoint, if any) or a path")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh even if the run folder holds a checkpoint")
@@ -103,6 +107,7 @@ def resolve_config(args: argparse.Namespace, base=None):
               if args.fractions else None),
              ("run.name", args.name), ("run.runs_dir", args.runs_dir),
              ("run.device", args.device), ("run.threads", args.threads),
+             ("run.compile", args.compile),
              ("run.resume", args.resume)]
     shortcuts += [f"{key}={value}" for key, value in pairs if value is not None]
     if args.no_progress:

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from ..cli import CommandError, run_training
-from .prepare import positive
+from .prepare import count, positive
 
 #: ``--model`` names and the cell each builds.
 MODEL_NAMES = {"convlstm": "convlstm", "ho-convlstm": "hoconvlstm", "convttlstm": "convttlstm"}
@@ -23,6 +23,7 @@ MODEL_NAMES = {"convlstm": "convlstm", "ho-convlstm": "hoconvlstm", "convttlstm"
 
 def register(subparsers) -> None:
     """Add this command's parser to ``subparsers`` (see ``cli.py``)."""
+    from ..precision import PRECISION_CHOICES
     from ..config import PRESETS
 
     parser = subparsers.add_parser(
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
                              "after the options below)")
     common = parser.add_argument_group("common fields (shortcuts for --set)")
     common.add_argument("--model", choices=sorted(MODEL_NAMES), help="recurrent cell")
-    common.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+    common.add_argument("--precision", choices=PRECISION_CHOICES,
                         help="fp32, bf16 autocast (CPU or GPU) or fp16 autocast + GradScaler (CUDA)")
     common.add_argument("--steps", type=positive, help="optimiser steps")
     common.add_argument("--batch-size", type=positive, help="sequences per step per process")
@@ -49,6 +50,12 @@ def register(subparsers) -> None:
     common.add_argument("--resume", help="'auto' (the run's last checkpoint, if any) or a checkpoint path")
     common.add_argument("--activation-checkpointing", action="store_true", default=None,
                         help="recompute each rollout step in the backward pass (less memory)")
+    common.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile every recurrent cell (without it only their "
+                             "pointwise work is compiled, where a compiler exists)")
+    common.add_argument("--threads", type=count,
+                        help="CPU threads (default 0: the cores other jobs leave free, "
+                             "re-checked during the run)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh even if the run folder holds a checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,7 +82,8 @@ def resolve_config(args: argparse.Namespace):
              ("name", "run.name", args.name), ("runs_dir", "run.runs_dir", args.runs_dir),
              ("device", "run.device", args.device), ("resume", "run.resume", args.resume),
              ("activation_checkpointing", "run.activation_checkpointing",
-              args.activation_checkpointing)]
+              args.activation_checkpointing), ("compile", "run.compile", args.compile),
+             ("threads", "run.threads", args.threads)]
     shortcuts += [f"{key}={value}" for _, key, value in pairs if value is not None]
     if args.no_progress:
         shortcuts.append("run.progress=false")

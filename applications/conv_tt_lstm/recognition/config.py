@@ -99,8 +99,8 @@ class RecognitionRunConfig(BaseRunConfig):
 
     ``fractions``: shares of each clip shown to the model when it is scored (the first
     ``max(1, floor(f * T))`` frames). ``cosine``: cosine learning-rate decay to 5 % of
-    ``optim.lr`` over the run (else constant). ``threads``: torch CPU threads (0: torch's
-    default; 1 is faster when other jobs share the cores).
+    ``optim.lr`` over the run (else constant). ``threads``: torch CPU threads (0: adaptive, as
+    in the prediction task's ``run.threads``).
     """
 
     name: str = "recognize"

@@ -33,7 +33,8 @@ from ..evaluation import evaluation_loader
 from ..files import write_json_atomic, write_text_atomic
 from ..precision import resolve_precision
 from ..training.checkpoints import RunExistsError  # noqa: F401  (raised by train_recognizer())
-from ..training.distributed import DistContext, cleanup, init_distributed, set_threads
+from ..training.distributed import DistContext, cleanup, init_distributed
+from ..training.threads import ThreadPolicy
 from ..training.logging import RunLogger
 from ..training.schedules import ScheduleConfig, TrainingSchedule
 from ..training.skeleton import Task, Validation, train_task
@@ -216,7 +217,7 @@ def evaluate_checkpoint(checkpoint, config: RecognitionConfig, *, split: Optiona
     own_context = context is None
     context = init_distributed(config.run.device) if own_context else context
     try:
-        set_threads(config.run.threads)
+        ThreadPolicy(config.run.threads, context.local_world_size)
         precision = resolve_precision(config.run.precision, context.device)
         model, saved = load_classifier(checkpoint, map_location=context.device)
         model.to(context.device)

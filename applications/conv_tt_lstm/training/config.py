@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Iterable, Literal, Mapping, Optional, Tuple
 
 from ..checks import check_choice, check_int, from_fields, plain_fields
-from ..precision import PRECISIONS
+from ..precision import PRECISION_CHOICES
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,17 @@ class BaseRunConfig:
     seed : int
         Seed of the initial weights and of the task's own random draws.
     threads : int
-        torch CPU threads (0: torch's default).
-    precision : {"fp32", "bf16", "fp16"}
-        Autocast of the forward pass (fp16 with a gradient scaler, CUDA only).
+        torch CPU threads: a fixed count, or 0 (the default) for every core the machine's
+        other jobs leave free, re-checked during the run (:mod:`~.threads`). A fixed count
+        makes a run bitwise reproducible on a busy machine.
+    compile : bool
+        ``torch.compile`` every recurrent cell (``train --compile``, ``recognize
+        --compile``; a model without recurrent cells is compiled whole). Without it only
+        the cells' pointwise work is compiled, where a compiler exists.
+    precision : {"fp32", "bf16", "fp16", "auto"}
+        Autocast of the forward pass (fp16 with a gradient scaler, CUDA only). ``"auto"``:
+        bf16 where the device runs it fast (CUDA, a CPU with AMX or AVX512-BF16), else
+        fp32; the log names what it chose.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     log_every, val_every, checkpoint_every : int
@@ -58,6 +66,11 @@ class BaseRunConfig:
     time_limit : float
         Stop training after this many seconds (0: no limit); the final validation and the
         outputs are still written.
+    fit_time_limit : bool
+        With ``time_limit``: time the first steps of a fresh run and, if all ``steps`` would
+        not fit into the limit, shorten the run to the steps that do, the schedule with it
+        (:meth:`~.schedules.TrainingSchedule.shorten`), so a slow machine still runs a
+        whole schedule. The shortened length is saved in the checkpoints.
     final_outputs : bool
         Write the task's files at the end (reports, figures).
     """
@@ -67,7 +80,8 @@ class BaseRunConfig:
     steps: int = 1000
     seed: int = 0
     threads: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     device: str = "auto"
     log_every: int = 10
     val_every: int = 500
@@ -76,10 +90,11 @@ class BaseRunConfig:
     resume: Optional[str] = None
     progress: bool = True
     time_limit: float = 0.0
+    fit_time_limit: bool = False
     final_outputs: bool = True
 
     def __post_init__(self):
-        check_choice("run.precision", self.precision, PRECISIONS)
+        check_choice("run.precision", self.precision, PRECISION_CHOICES)
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"run.name must be a plain folder name, got {self.name!r}")
         check_int("run.steps", self.steps, 1)

@@ -5,9 +5,8 @@ with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT
 :func:`init_distributed` reads them, joins the process group (NCCL on CUDA, gloo on CPU) and
 picks the device. A plain ``python -m ...`` run is a world of one and needs no process group.
 
-The one place that turns a ``--device`` argument into a device (:func:`choose_device`), sets
-the CPU thread count (:func:`set_threads`) and wraps a model for several processes
-(:func:`wrap_model`); training, evaluation and prediction all go through them.
+The one place that turns a ``--device`` argument into a device (:func:`choose_device`) and
+wraps a model for several processes (:func:`wrap_model`); training, evaluation and prediction all go through them.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+import tt_conv
+
 from ..files import load_tensors
 
 
@@ -32,6 +33,8 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    #: Processes of this world on this machine (torchrun's ``LOCAL_WORLD_SIZE``).
+    local_world_size: int = 1
 
     @property
     def distributed(self) -> bool:
@@ -96,12 +99,6 @@ def choose_device(device: Any, local_rank: int = 0) -> torch.device:
     return chosen
 
 
-def set_threads(threads: int) -> None:
-    """Use ``threads`` CPU threads for torch's operators (0: leave torch's default)."""
-    if threads:
-        torch.set_num_threads(threads)
-
-
 def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistContext:
     """Join the process group described by torchrun's environment (if any).
 
@@ -120,6 +117,7 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
     chosen = choose_device(device, local_rank)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
@@ -128,7 +126,7 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         dist.init_process_group(backend, rank=rank, world_size=world_size)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    return DistContext(rank, world_size, local_rank, chosen)
+    return DistContext(rank, world_size, local_rank, chosen, local_world_size)
 
 
 def cleanup() -> None:
@@ -175,8 +173,22 @@ def all_gather_state(value: Any, context: DistContext) -> List[Any]:
     return [load_tensors(io.BytesIO(data), what="state of another rank") for data in out]
 
 
-def wrap_model(model: torch.nn.Module, context: DistContext) -> torch.nn.Module:
-    """``model`` in DistributedDataParallel when the world is larger than one."""
+def wrap_model(model: torch.nn.Module, context: DistContext, *,
+               compile: bool = False) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when the world is larger than one.
+
+    With ``compile``, every recurrent cell of ``model`` is first compiled in place
+    (:func:`tt_conv.compile_cells`; a model without recurrent cells is compiled whole, also
+    in place). Compiling the bare module before wrapping keeps its parameter names, so
+    checkpoints are unchanged, and DistributedDataParallel's gradient hooks fire on the
+    same parameters as in eager mode; the loops over time stay in Python, so the compiled
+    graphs are one cell step each.
+    """
+    if compile:
+        if any(isinstance(m, tt_conv.recurrent.RECURRENT_CELLS) for m in model.modules()):
+            tt_conv.compile_cells(model)
+        else:
+            model.compile()
     if not context.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel

@@ -111,6 +111,12 @@ class RunLogger:
         seen.add(key)
         return False
 
+    def set_total(self, total_steps: int) -> None:
+        """The run will take ``total_steps`` steps after all (the progress bar's total)."""
+        if self._bar is not None:
+            self._bar.total = total_steps
+            self._bar.refresh()
+
     def message(self, text: str) -> None:
         """Print a line without breaking the progress bar."""
         if not self.enabled:

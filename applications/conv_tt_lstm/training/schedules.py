@@ -10,7 +10,7 @@ schedule.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Literal
 
 from ..checks import check_choice, check_int
@@ -93,6 +93,7 @@ class TrainingSchedule:
         self.base_lr = float(base_lr)
         self.min_lr = float(min_lr)
         self.total_steps = int(total_steps)
+        self.shortened = False
         # Plateau rule state: the validation history it needs, nothing else.
         self.best = math.inf
         self.rounds_since_best = 0
@@ -152,10 +153,36 @@ class TrainingSchedule:
         if c.lr_decay == "plateau" and after >= 0 and after % c.lr_decay_every == 0:
             self.lr_scale *= c.lr_decay_factor
 
+    def shorten(self, total_steps: int) -> None:
+        """Fit the schedule into ``total_steps`` steps (fewer than planned).
+
+        The cosine spans the new length; the warm-up and the linear sampling ramp shrink in
+        proportion, so the run still ends on its own predictions at the low learning rate.
+        The plateau rules count validation rounds, not steps, and stay as they are.
+        """
+        total_steps = int(total_steps)
+        if not 1 <= total_steps <= self.total_steps:
+            raise ValueError(f"a schedule of {self.total_steps} steps can be shortened to "
+                             f"1..{self.total_steps} steps, not {total_steps}")
+        factor = total_steps / self.total_steps
+        c = self.config
+        self.config = replace(c, linear_start=round(c.linear_start * factor),
+                              linear_end=round(c.linear_end * factor),
+                              warmup_steps=round(c.warmup_steps * factor))
+        self.total_steps = total_steps
+        self.shortened = True
+
     def state_dict(self) -> Dict[str, Any]:
-        return {"best": self.best, "rounds_since_best": self.rounds_since_best,
-                "rounds_since_plateau": self.rounds_since_plateau,
-                "plateau_ratio": self.plateau_ratio, "lr_scale": self.lr_scale}
+        state = {"best": self.best, "rounds_since_best": self.rounds_since_best,
+                 "rounds_since_plateau": self.rounds_since_plateau,
+                 "plateau_ratio": self.plateau_ratio, "lr_scale": self.lr_scale}
+        if self.shortened:
+            # Only a shortened schedule keeps its lengths: a plain one resumed with more
+            # ``run.steps`` follows the new configuration.
+            c = self.config
+            state.update(total_steps=self.total_steps, linear_start=c.linear_start,
+                         linear_end=c.linear_end, warmup_steps=c.warmup_steps)
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.best = float(state["best"])
@@ -163,3 +190,9 @@ class TrainingSchedule:
         self.rounds_since_plateau = int(state["rounds_since_plateau"])
         self.plateau_ratio = float(state["plateau_ratio"])
         self.lr_scale = float(state["lr_scale"])
+        if "total_steps" in state:
+            self.shortened = True
+            self.total_steps = int(state["total_steps"])
+            self.config = replace(self.config, linear_start=int(state["linear_start"]),
+                                  linear_end=int(state["linear_end"]),
+                                  warmup_steps=int(state["warmup_steps"]))

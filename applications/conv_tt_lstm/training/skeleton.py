@@ -45,12 +45,12 @@ from .distributed import (
     broadcast_object,
     cleanup,
     init_distributed,
-    set_threads,
     wrap_model,
 )
 from .logging import RunLogger
 from .loop import NonFiniteLossError, optimizer_step
 from .schedules import TrainingSchedule
+from .threads import ThreadPolicy
 
 
 @dataclass
@@ -192,7 +192,7 @@ def train_task(task: Task, *, overwrite: bool = False,
 def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
     run, optim, data = task.config.run, task.config.optim, task.config.data
     device = context.device
-    set_threads(run.threads)
+    threads = ThreadPolicy(run.threads, context.local_world_size)
     precision = resolve_precision(run.precision, device)
     run_dir = Path(run.runs_dir) / run.name
     resume_path = ckpt.start_run(run_dir, run.resume, overwrite)
@@ -221,8 +221,8 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
         step, best, saved_health = _resume(resume_path, task, model, stateful, generators,
                                            context, best)
         health.update(saved_health)
-    # The one place the model is wrapped for training (DistributedDataParallel).
-    wrapped = wrap_model(model, context)
+    # The one place the model is wrapped for training (compiled, DistributedDataParallel).
+    wrapped = wrap_model(model, context, compile=run.compile)
 
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -265,8 +265,14 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
                 atomic_torch_save(checkpoint(step=at_step, **{task.best_metric: best}),
                                   ckpt.checkpoint_dir(run_dir) / ckpt.BEST)
 
-    with RunLogger(run_dir, context, run.steps, initial_step=step, progress=run.progress,
+    # The run's length: run.steps, or what an earlier fit to the time limit left.
+    total = schedule.total_steps
+    fitting = step == 0 and run.fit_time_limit and run.time_limit > 0 and total > _FIT_FROM + _FIT_STEPS
+    fit_clock = 0.0
+    with RunLogger(run_dir, context, total, initial_step=step, progress=run.progress,
                    description=task.description) as logger:
+        chosen = f" (run.precision={run.precision})" if run.precision != precision.name else ""
+        logger.message(f"{device}, {precision.name}{chosen}, {threads.describe()}")
         if step == 0:
             counts = parameter_counts(model)
             parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total")
@@ -274,7 +280,7 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
         try:
             stream = batches.from_step(step)
             model.train()
-            while step < run.steps:
+            while step < total:
                 tick = time.perf_counter()
                 batch = _to_device(next(stream), device)
                 lr = schedule.lr(step)
@@ -290,22 +296,40 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
                 losses_since_save.append(value)
                 if len(health["first_losses"]) < 10:
                     health["first_losses"].append(value)
+                threads.update()
+                if fitting and step == _FIT_FROM:
+                    fit_clock = time.perf_counter()  # the first steps (compilation) not timed
+                elif fitting and step == _FIT_FROM + _FIT_STEPS:
+                    per_step = (time.perf_counter() - fit_clock) / _FIT_STEPS
+                    fitted = broadcast_object(_steps_within(run.time_limit, started, per_step,
+                                                            step, total), context)
+                    fitting = False
+                    if fitted < total:
+                        logger.message(f"{total} steps would not fit into run.time_limit="
+                                       f"{run.time_limit:.0f} s at {per_step:.2f} s per step: "
+                                       f"training {fitted} steps, the schedule shortened "
+                                       f"to match")
+                        logger.record(step, "fit_time_limit", {"steps": fitted,
+                                                               "seconds_per_step": per_step})
+                        schedule.shorten(fitted)
+                        total = fitted
+                        logger.set_total(total)
                 logger.advance(loss=f"{value:.4f}", **{k: f"{v:.3g}" for k, v in values.items()})
                 if run.log_every and (step % run.log_every == 0 or step == 1):
                     logger.record(step, "train", {"loss": value, "lr": lr, **values,
                                                   "seconds_per_step": time.perf_counter() - tick})
-                if run.val_every and step % run.val_every == 0 and step < run.steps:
+                if run.val_every and step % run.val_every == 0 and step < total:
                     validation = task.validate(model, step, final=False, logger=logger)
                     logger.record(step, "val", validation.values)
                     if validation.schedule_loss is not None:
                         schedule.end_of_round(validation.schedule_loss)
                     keep_best(validation, step)
-                if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.steps:
+                if run.checkpoint_every and step % run.checkpoint_every == 0 and step < total:
                     save_last(step)
-                if run.time_limit and step < run.steps and \
+                if run.time_limit and step < total and \
                         _out_of_time(started, run.time_limit, context):
                     logger.message(f"time limit of {run.time_limit:.0f} s reached at step "
-                                   f"{step} of {run.steps}: stopping training early")
+                                   f"{step} of {total}: stopping training early")
                     logger.record(step, "time_limit", {"seconds": time.perf_counter() - started})
                     break
             save_last(step)
@@ -367,6 +391,21 @@ def _resume(path: Path, task: Task, model: nn.Module, stateful: Mapping[str, Any
     health = extra.get("health") or {}
     return step, float(extra.get(f"best_{task.best_metric}", best)), {
         k: health[k] for k in ("initial_norm", "first_losses") if k in health}
+
+
+#: Steps timed before a run is fitted to its time limit, and the untimed steps before
+#: them (the first compile kernels and warm caches).
+_FIT_STEPS, _FIT_FROM = 10, 5
+#: Share of the time left that the fitted steps may take (validation, checkpoints, the
+#: final outputs and the slower steps of a busy machine take the rest).
+_FIT_SHARE = 0.9
+
+
+def _steps_within(limit: float, started: float, per_step: float, step: int,
+                  total: int) -> int:
+    """How many steps in all fit into ``limit`` seconds from ``started``, at most ``total``."""
+    left = limit - (time.perf_counter() - started)
+    return max(step, min(total, step + int(_FIT_SHARE * left / per_step)))
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -147,3 +147,24 @@ def test_clear_errors(tmp_path, checkpoint, capsys):
         assert message in capsys.readouterr().err, argv
     with pytest.raises(InputFramesError, match="model takes 1"):
         fit_frames(np.zeros((1, 2, 2, 8, 8), np.float32), ArchitectureConfig(**TINY))
+
+
+def test_sixteen_bit_png_frames_are_read_exactly(tmp_path, checkpoint):
+    """16-bit gray PNGs must not become 0/255 frames: every level survives to the model."""
+    path, model = checkpoint
+    rng = np.random.default_rng(3)
+    levels = rng.integers(0, 65536, (5, 16, 16)).astype(np.uint16)
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    for t, frame in enumerate(levels):
+        Image.fromarray(frame).save(folder / f"frame_{t}.png")
+    frames = read_input_frames(folder)
+    np.testing.assert_array_equal(np.rint(frames[0, :, 0] * 65535).astype(np.uint16), levels)
+    assert len(np.unique(frames)) > 1000  # not binarised
+    out = tmp_path / "out"
+    assert predict([path, folder, "--future-frames", 2, "--out", out]) == 0
+    np.testing.assert_allclose(np.load(out / "predictions.npy"),
+                               expected(model, frames, 2), atol=1e-6)
+    # An 8-bit frame among 16-bit ones is scaled exactly (255 -> 65535).
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(folder / "frame_5.png")
+    assert float(read_input_frames(folder)[0, 5].min()) == 1.0

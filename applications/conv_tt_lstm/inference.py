@@ -48,6 +48,9 @@ ARRAY_LAYOUTS: Tuple[str, ...] = ("auto", "THW", "TCHW", "THWC", "NTHW", "TNHW",
 #: Image suffixes of a frame folder.
 IMAGE_SUFFIXES: Tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
+#: Pillow modes of gray images deeper than 8 bits (16-bit PNGs open as one of them).
+_DEEP_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
 #: ITU-R 601-2 luma weights (what Pillow's "L" conversion uses).
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -133,7 +136,8 @@ def _natural_key(path: Path):
 
 def read_image_folder(folder: PathLike) -> np.ndarray:
     """The images of ``folder`` (PNG/JPEG, natural name order) as uint8 ``(T, H, W, 3)`` or
-    ``(T, H, W)`` when every image is grayscale.
+    ``(T, H, W)`` when every image is grayscale; uint16 ``(T, H, W)`` when a gray frame
+    has 16 bits (then every level is kept, and 8-bit frames are scaled exactly).
 
     Raises
     ------
@@ -161,7 +165,21 @@ def read_image_folder(folder: PathLike) -> np.ndarray:
             f"{folder}: frames differ in size ({', '.join(f'{w}x{h}' for w, h in sorted(sizes))}); "
             "every frame of a sequence must be the same size"
         )
-    gray = all(image.mode in ("L", "I", "I;16", "1") for image in images)
+    gray = all(image.mode in ("L", "1") + _DEEP_GRAY for image in images)
+    if gray and any(image.mode in _DEEP_GRAY for image in images):
+        # 16-bit gray: kept exactly (Pillow's "L" conversion would clip it to 0 / 255);
+        # 8-bit frames among them are scaled exactly (v * 257: 255 -> 65535).
+        frames = []
+        for file, image in zip(files, images):
+            if image.mode in _DEEP_GRAY:
+                values = np.asarray(image).astype(np.int64)
+                if values.min() < 0 or values.max() > 65535:
+                    raise InputFramesError(f"{file}: {image.mode} values outside 0-65535 "
+                                           f"({values.min()} to {values.max()})")
+                frames.append(values.astype(np.uint16))
+            else:
+                frames.append(np.asarray(image.convert("L")).astype(np.uint16) * 257)
+        return np.stack(frames)
     return np.stack([np.asarray(image.convert("L" if gray else "RGB")) for image in images])
 
 
@@ -260,8 +278,11 @@ def read_input_frames(path: PathLike, layout: str = "auto") -> np.ndarray:
         raise InputFramesError(f"{path}: empty frames of shape {tuple(frames.shape)} (as N, T, C, H, W)")
     if frames.dtype == np.uint8:
         return frames.astype(np.float32) / 255.0
+    if frames.dtype == np.uint16:  # 16-bit frames (PNG, arrays): every level kept
+        return (frames.astype(np.float64) / 65535.0).astype(np.float32)
     if not np.issubdtype(frames.dtype, np.floating):
-        raise InputFramesError(f"{path}: frames must be uint8 (0-255) or float in [0, 1], got {frames.dtype}")
+        raise InputFramesError(f"{path}: frames must be uint8 (0-255), uint16 (0-65535) or "
+                               f"float in [0, 1], got {frames.dtype}")
     low, high = float(np.min(frames)), float(np.max(frames))
     if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
         raise InputFramesError(

@@ -8,7 +8,7 @@
   with a clear error when the frame size does not suit its ``patch_size``.
 * :func:`predict_frames`: batched rollout on a device under a chosen precision.
 * :func:`predict_file`: all of the above for a file or folder of frames, writing the
-  predictions (npy, one PNG per frame, GIF and grid, ``predict.json``).
+  predictions (npy, one PNG per frame, GIF and grid, an mp4, ``predict.json``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .checkpoint import (
     read_file,
 )
 from .data.sequence_files import NPZ_KEY
+from .data.video import VIDEO_SUFFIXES, read_video, write_video
 from .files import atomic_path, write_json_atomic
 from .model import ArchitectureConfig, VideoPredictionNetwork
 from .nvlabs import load_nvlabs_checkpoint
@@ -241,7 +242,8 @@ def _read_array(path: Path) -> Tuple[np.ndarray, Optional[str]]:
         raise InputFramesError(f"{path}: not a readable .npy / .npz file ({error})") from None
 
 
-def read_input_frames(path: PathLike, layout: str = "auto") -> np.ndarray:
+def read_input_frames(path: PathLike, layout: str = "auto", *,
+                      video_color: str = "rgb") -> np.ndarray:
     """A user's sequences as float32 ``[N, T, C, H, W]`` in ``[0, 1]``.
 
     Parameters
@@ -255,6 +257,9 @@ def read_input_frames(path: PathLike, layout: str = "auto") -> np.ndarray:
         Axis order of an array: one of :data:`ARRAY_LAYOUTS`. ``"auto"``: 3-D ``THW``, 4-D
         ``NTHW`` (``TNHW`` for a file named ``mnist_test_seq*``), 5-D ``NTCHW`` or
         ``NTHWC`` by which axis has 1 or 3 entries.
+    video_color : {"rgb", "gray"}
+        How a video file (:data:`~.data.video.VIDEO_SUFFIXES`: mp4, avi, webm, mkv, ...)
+        is decoded: one sequence of all its frames.
 
     Raises
     ------
@@ -268,6 +273,10 @@ def read_input_frames(path: PathLike, layout: str = "auto") -> np.ndarray:
         raise InputFramesError(f"input not found: {path}")
     if path.is_dir():
         array, file_layout = read_image_folder(path), None
+        layout = "THW" if array.ndim == 3 else "THWC"
+    elif path.suffix.lower() in VIDEO_SUFFIXES:
+        # Decoded by PyAV (gray from the luma plane, every level of a deep video kept).
+        array = read_video(path, color=video_color, deep=True)
         layout = "THW" if array.ndim == 3 else "THWC"
     else:
         array, file_layout = _read_array(path)
@@ -398,7 +407,8 @@ def predict_file(checkpoint: PathLike, source: PathLike, future_frames: int, out
     resolve_precision(precision, device)
     model, info = load_model(checkpoint, device=device,
                              output_sigmoid=True if release_output_sigmoid else None)
-    frames = fit_frames(read_input_frames(source, layout), model.config,
+    color = "gray" if model.config.image_channels == 1 else "rgb"
+    frames = fit_frames(read_input_frames(source, layout, video_color=color), model.config,
                         None if size is None else tuple(size))
     given = frames.shape[1]
     k = given if input_frames is None else input_frames
@@ -413,6 +423,7 @@ def predict_file(checkpoint: PathLike, source: PathLike, future_frames: int, out
     if frame_pngs:
         written.append(write_frame_pngs(out / "frames", prediction, first_number=k + 1))
     written += write_figures(out, inputs, truth, prediction, figure_samples)
+    written.append(write_prediction_video(out / "predictions.mp4", inputs[0], prediction[0]))
     written.append(write_json_atomic(out / "predict.json", {
         "checkpoint": str(checkpoint), "checkpoint_layout": info["layout"],
         "architecture": info["architecture"], "input": str(source),
@@ -443,6 +454,15 @@ def write_frame_pngs(folder: PathLike, prediction: torch.Tensor, first_number: i
             with atomic_path(name) as temporary:
                 Image.fromarray(image).save(temporary)
     return Path(folder)
+
+
+def write_prediction_video(path: PathLike, inputs: torch.Tensor, prediction: torch.Tensor,
+                           fps: float = 4.0) -> Path:
+    """One sequence's input frames, then its predicted frames (``[T, C, H, W]`` in
+    ``[0, 1]``), as an mp4."""
+    frames = torch.cat([inputs, prediction]).clamp(0, 1).mul(255).round().to(torch.uint8)
+    frames = frames.permute(0, 2, 3, 1).numpy()
+    return write_video(path, frames[..., 0] if frames.shape[-1] == 1 else frames, fps)
 
 
 def write_figures(out: PathLike, inputs: torch.Tensor, truth: torch.Tensor,

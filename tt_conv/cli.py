@@ -360,6 +360,15 @@ def run_inspect(args) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL_FILE and how it loads (``--arch`` / ``--trust-pickle``): one safe path."""
+    parser.add_argument("model", metavar="MODEL_FILE",
+                        help="a state_dict or checkpoint (with --arch), or a whole pickled "
+                             "model (with --trust-pickle)")
+    parser.add_argument("--arch", help=ARCH_HELP)
+    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tt-conv",
@@ -374,11 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a state_dict with --arch (no code from the file runs), or "
                                    "a whole pickled model with --trust-pickle (runs the "
                                    "file's code).")
-    c.add_argument("model", metavar="MODEL_FILE",
-                   help="a state_dict or checkpoint (with --arch), or a whole pickled model "
-                        "(with --trust-pickle)")
-    c.add_argument("--arch", help=ARCH_HELP)
-    c.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+    add_model_arguments(c)
     c.add_argument("--out", required=True, help="where to save the compressed model")
     c.add_argument("--factorization", default="tucker", choices=["tucker", "cp", "tt", "auto"])
     c.add_argument("--rank", default="0.25", help=RANK_HELP)
@@ -406,11 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="list a model's convolutions and what EVBMF ranks "
                                        "would save per factorization")
-    i.add_argument("model", metavar="MODEL_FILE",
-                   help="a state_dict or checkpoint (with --arch), or a whole pickled model "
-                        "(with --trust-pickle)")
-    i.add_argument("--arch", help=ARCH_HELP)
-    i.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+    add_model_arguments(i)
     i.add_argument("--input-shape", help="model input shape for FLOPs, e.g. 1,3,224,224")
     i.add_argument("--json", help="also write the listing here as JSON")
     i.add_argument("--quiet", action="store_true", help="no progress bar")

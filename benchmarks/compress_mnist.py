@@ -42,7 +42,7 @@ from torch import nn
 import tt_conv
 from _peers import tltorch_compress
 from tt_conv.profile import count_parameters, model_flops
-from tt_conv.report import write_text_atomic
+from tt_conv.files import write_text_atomic
 
 FACTORIZATIONS = ("cp", "tucker", "tt")
 TARGETS = (("4x", 0.25), ("10x", 0.1), ("evbmf", None))

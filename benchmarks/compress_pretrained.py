@@ -44,7 +44,7 @@ import torch
 import tt_conv
 from _peers import tltorch_compress
 from tt_conv.profile import conv_modules, count_parameters
-from tt_conv.report import write_text_atomic
+from tt_conv.files import write_text_atomic
 
 FACTORIZATIONS = ("cp", "tucker", "tt")
 TARGETS = {"4x": {"params": 0.25, "global": True}, "10x": {"params": 0.1, "global": True},

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import tt_conv
-from tt_conv.report import write_text_atomic
+from tt_conv.files import write_text_atomic
 
 CASES = (("tucker", "evbmf"), ("cp", 0.25), ("tt", 0.25), ("tucker", 0.25))
 

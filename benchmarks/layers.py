@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -45,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tt_conv  # noqa: E402
+from tt_conv.files import write_json_atomic  # noqa: E402
 from tt_conv.interop import import_tltorch  # noqa: E402
 
 FACTORIZATIONS = ("cp", "tucker", "tt")
@@ -254,16 +253,8 @@ def markdown(summary: dict, setup: str) -> str:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``payload`` as JSON atomically (tt_conv's one atomic-write path)."""
+    write_json_atomic(path, payload)
 
 
 # --------------------------------------------------------------------------- profiling

@@ -1,6 +1,8 @@
 """The ``tt-conv`` command line: compress and inspect saved models, and its error messages."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -30,7 +32,7 @@ def model_file(tmp_path):
 
 def test_compress_writes_the_model_and_the_report(model_file, tmp_path, capsys):
     out, report = tmp_path / "out" / "small.pt", tmp_path / "report.md"
-    code = main(["compress", str(model_file), "--rank", "0.25", "--factorization", "tucker",
+    code = main(["compress", str(model_file), "--trust-pickle", "--rank", "0.25", "--factorization", "tucker",
                  "--out", str(out), "--report", str(report), "--input-shape", "1,3,16,16"])
     assert code == 0
     model = torch.load(out, weights_only=False)
@@ -44,7 +46,7 @@ def test_compress_writes_the_model_and_the_report(model_file, tmp_path, capsys):
 
 def test_compress_export_loads_without_tt_conv(model_file, tmp_path):
     out, report = tmp_path / "plain.pt", tmp_path / "report.json"
-    assert main(["compress", str(model_file), "--rank", "energy:0.9", "--factorization", "cp",
+    assert main(["compress", str(model_file), "--trust-pickle", "--rank", "energy:0.9", "--factorization", "cp",
                  "--out", str(out), "--report", str(report), "--export", "--quiet"]) == 0
     assert json.loads(report.read_text())["rank"] == "0.9 of the spectral energy"
     script = ("import sys; sys.modules['tt_conv'] = None\nimport torch\n"
@@ -59,7 +61,7 @@ def test_compress_with_calibration_and_global_budget(model_file, tmp_path, capsy
     batch = tmp_path / "batch.pt"
     torch.save(torch.randn(8, 3, 16, 16), batch)
     out = tmp_path / "small.pt"
-    assert main(["compress", str(model_file), "--rank", "params:0.3", "--global",
+    assert main(["compress", str(model_file), "--trust-pickle", "--rank", "params:0.3", "--global",
                  "--factorization", "auto", "--calibration", str(batch), "--out", str(out),
                  "--exclude", "0"]) == 0
     printed = capsys.readouterr().out
@@ -69,7 +71,7 @@ def test_compress_with_calibration_and_global_budget(model_file, tmp_path, capsy
 
 def test_inspect_lists_convolutions_and_savings(model_file, tmp_path, capsys):
     listing = tmp_path / "inspect.json"
-    assert main(["inspect", str(model_file), "--input-shape", "1,3,16,16", "--json",
+    assert main(["inspect", str(model_file), "--trust-pickle", "--input-shape", "1,3,16,16", "--json",
                  str(listing)]) == 0
     printed = capsys.readouterr().out
     assert "tucker (EVBMF)" in printed and "32x16x3x3" in printed and "EVBMF cp:" in printed
@@ -80,30 +82,170 @@ def test_inspect_lists_convolutions_and_savings(model_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("state_dict", "not a torch.nn.Module (it looks like a state_dict"),
-    ("garbage", "could not load"),
+    ("state_dict", "holds a state_dict (4 tensors): name the architecture it belongs to with --arch"),
+    ("garbage", "is not a torch.save file"),
+    ("empty", "is empty (0 bytes)"),
     ("missing", "does not exist"),
+    ("tensor", "holds a Tensor, neither a state_dict nor a checkpoint"),
 ])
 def test_files_that_are_not_torch_modules(tmp_path, capsys, content, message):
     path = tmp_path / "bad.pt"
     if content == "state_dict":
-        torch.save(nn.Linear(2, 2).state_dict(), path)
+        torch.save(nn.Linear(2, 2).state_dict() | {"extra.weight": torch.zeros(1),
+                                                   "extra.bias": torch.zeros(1)}, path)
     elif content == "garbage":
-        path.write_bytes(b"not a pickle at all")
+        path.write_bytes(bytes(range(256)) * 4)
+    elif content == "empty":
+        path.write_bytes(b"")
+    elif content == "tensor":
+        torch.save(torch.zeros(3), path)
     for command in (["inspect", str(path)], ["compress", str(path), "--out", str(tmp_path / "o")]):
         assert main(command) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err
+        # Never torch's advice to retry with weights_only=False (it runs the file's code).
+        assert "weights_only" not in err and "Traceback" not in err
+
+
+class _MarkerPayload:
+    """Unpickling this calls ``open(marker, 'w')``: the proof that a file ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+@pytest.mark.parametrize("payload", ["in_model", "alone", "plain_pickle"])
+def test_a_code_running_pickle_does_not_run_without_trust_pickle(tmp_path, capsys, payload):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    evil = _MarkerPayload(marker)
+    if payload == "in_model":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3))
+        model.payload = evil  # a model that carries the payload along
+        torch.save(model, path)
+    elif payload == "alone":
+        torch.save({"state_dict": {"w": torch.zeros(2)}, "x": evil}, path)
+    else:
+        import pickle
+
+        path.write_bytes(pickle.dumps(evil, protocol=4))
+    for command in (["inspect", str(path)],
+                    ["compress", str(path), "--out", str(tmp_path / "o.pt")],
+                    ["inspect", str(path), "--arch", "torchvision:alexnet"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "run code" in err and "--trust-pickle" in err and "builtins.exec" in err
+        assert not marker.exists(), f"{command} ran code from the file"
+    assert not (tmp_path / "o.pt").exists()
+    # The flag does what it says (so the payload is real): the file's code runs.
+    main(["inspect", str(path), "--trust-pickle"])
+    assert marker.read_text() == "ran"
+
+
+def test_trust_pickle_help_says_it_runs_code(capsys):
+    for command in ("compress", "inspect"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--trust-pickle" in text and "RUNS CODE FROM THE FILE" in text
+        assert "--arch" in text
+
+
+def small_cnn() -> nn.Module:
+    """An --arch builder (``test_cli:small_cnn``): the fixture's architecture."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
+    )
+
+
+@pytest.mark.parametrize("wrap", ["bare", "checkpoint", "ddp"])
+def test_state_dicts_and_checkpoints_load_with_arch_without_trust(model_file, tmp_path, capsys,
+                                                                    wrap):
+    trusted = torch.load(model_file, weights_only=False)
+    state = trusted.state_dict()
+    if wrap == "checkpoint":
+        state = {"model_state_dict": state, "epoch": 3}
+    elif wrap == "ddp":
+        state = {f"module.{k}": v for k, v in state.items()}
+    path = tmp_path / "weights.pt"
+    torch.save(state, path)
+    out = tmp_path / "small.pt"
+    assert main(["compress", str(path), "--arch", "test_cli:small_cnn", "--rank", "0.5",
+                 "--out", str(out), "--quiet"]) == 0
+    compressed = torch.load(out, weights_only=False)
+    assert isinstance(compressed[2], FactorizedConv)
+    assert main(["inspect", str(path), "--arch", "test_cli:small_cnn", "--quiet"]) == 0
+    assert "3 convolutions" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--arch", "torchvision:resnet18"]) == 2
+    assert "does not fit --arch torchvision:resnet18: missing conv1.weight" in \
+        capsys.readouterr().err
+    assert main(["inspect", str(path), "--arch", "timm:no_such_net_xyz"]) == 2
+    assert "--arch 'timm:no_such_net_xyz': no such model" in capsys.readouterr().err
+
+
+def test_compress_refuses_to_replace_its_input_and_respects_the_umask(model_file, tmp_path,
+                                                                      capsys):
+    before = model_file.read_bytes()
+    assert main(["compress", str(model_file), "--trust-pickle", "--out", str(model_file),
+                 "--quiet"]) == 2
+    assert "is the input model file" in capsys.readouterr().err
+    assert model_file.read_bytes() == before
+    assert main(["compress", str(model_file), "--trust-pickle", "--out", str(tmp_path / "a.pt"),
+                 "--report", str(tmp_path / "a.pt"), "--quiet"]) == 2
+    assert "two outputs" in capsys.readouterr().err
+    old = os.umask(0o022)
+    try:
+        assert main(["compress", str(model_file), "--trust-pickle", "--out", str(model_file),
+                     "--force", "--report", str(tmp_path / "r.md"), "--quiet"]) == 0
+        assert stat.S_IMODE(os.stat(model_file).st_mode) == 0o644
+        assert stat.S_IMODE(os.stat(tmp_path / "r.md").st_mode) == 0o644
+        os.umask(0o027)
+        assert main(["compress", str(model_file), "--trust-pickle", "--out",
+                     str(tmp_path / "b.pt"), "--quiet"]) == 0
+        assert stat.S_IMODE(os.stat(tmp_path / "b.pt").st_mode) == 0o640
+    finally:
+        os.umask(old)
+    assert isinstance(torch.load(model_file, weights_only=False)[2], FactorizedConv)
+
+
+def test_nan_calibration_and_lazy_convolutions(model_file, tmp_path, capsys):
+    batch = tmp_path / "nan.pt"
+    values = torch.randn(4, 3, 16, 16)
+    values[1, 0, 2, 2] = float("nan")
+    torch.save(values, batch)
+    assert main(["compress", str(model_file), "--trust-pickle", "--calibration", str(batch),
+                 "--out", str(tmp_path / "o.pt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "calibration batch holds 1 NaN or inf value(s)" in err and "Traceback" not in err
+    lazy = tmp_path / "lazy.pt"
+    torch.save(nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), lazy)
+    assert main(["inspect", str(lazy), "--trust-pickle", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "layer '0' (LazyConv2d) is an uninitialised lazy convolution" in captured.err
+    assert main(["inspect", str(lazy), "--trust-pickle", "--input-shape", "1,3,16,16",
+                 "--quiet"]) == 0
+    assert "2 convolutions" in capsys.readouterr().out
+
+
+def test_rank_one_is_reported_as_a_budget_not_full_rank(model_file, tmp_path, capsys):
+    assert main(["compress", str(model_file), "--trust-pickle", "--rank", "1.0",
+                 "--out", str(tmp_path / "o.pt")]) == 0
+    assert "a budget of the dense size, not full rank" in capsys.readouterr().out
 
 
 def test_bad_arguments_give_clear_errors(model_file, tmp_path, capsys):
     out = str(tmp_path / "o.pt")
-    assert main(["compress", str(model_file), "--rank", "lots", "--out", out]) == 2
+    assert main(["compress", str(model_file), "--trust-pickle", "--rank", "lots", "--out", out]) == 2
     assert "--rank: cannot read 'lots'" in capsys.readouterr().err
-    assert main(["compress", str(model_file), "--rank", "0.0001", "--out", out]) == 2
+    assert main(["compress", str(model_file), "--trust-pickle", "--rank", "0.0001", "--out", out]) == 2
     assert "rank 1" in capsys.readouterr().err
-    assert main(["compress", str(model_file), "--input-shape", "1,3,a", "--out", out]) == 2
+    assert main(["compress", str(model_file), "--trust-pickle", "--input-shape", "1,3,a", "--out", out]) == 2
     assert "--input-shape" in capsys.readouterr().err
-    assert main(["compress", str(model_file), "--include", "nothing", "--out", out]) == 2
+    assert main(["compress", str(model_file), "--trust-pickle", "--include", "nothing", "--out", out]) == 2
     err = capsys.readouterr().err
     assert "warning: include pattern 'nothing' matches no convolution" in err
     assert "error: include=['nothing'] and exclude=[] leave none" in err

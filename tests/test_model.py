@@ -397,6 +397,9 @@ def test_convert_nvlabs_command(tmp_path, capsys):
     torch.save({"model_state_dict": {"layers.output.weight": torch.zeros(1, 3, 1, 1)}}, source)
     assert cli.main(["convert-nvlabs", str(source), str(tmp_path / "x.pt"), "--force"]) == 2
     assert "missing key 'layers.output.bias'" in capsys.readouterr().err
+    # Our own format is named as such, not as a release file with a stray entry.
+    assert cli.main(["convert-nvlabs", str(target), str(tmp_path / "y.pt")]) == 2
+    assert "is already a tt-conv checkpoint" in capsys.readouterr().err
 
 
 def expected_flops(config, size, steps):

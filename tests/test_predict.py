@@ -139,7 +139,7 @@ def test_clear_errors(tmp_path, checkpoint, capsys):
         ([path, tmp_path / "junk.npy"], "not a readable .npy / .npz file"),
         ([path, tmp_path / "missing.npy"], "input not found"),
         ([path, tmp_path / "odd.npy", "--size", 16, 16, "--input-frames", 5], "--input-frames 5, but"),
-        ([tmp_path / "odd.npy", tmp_path / "odd.npy"], "cannot read checkpoint"),
+        ([tmp_path / "odd.npy", tmp_path / "odd.npy"], "odd.npy is not a torch.save file"),
         ([path, tmp_path / "odd.npy", "--release-output-sigmoid"], "applies to release checkpoints only"),
     ]
     for argv, message in cases:
@@ -147,3 +147,74 @@ def test_clear_errors(tmp_path, checkpoint, capsys):
         assert message in capsys.readouterr().err, argv
     with pytest.raises(InputFramesError, match="model takes 1"):
         fit_frames(np.zeros((1, 2, 2, 8, 8), np.float32), ArchitectureConfig(**TINY))
+
+
+def test_sixteen_bit_png_frames_are_read_exactly(tmp_path, checkpoint):
+    """16-bit gray PNGs must not become 0/255 frames: every level survives to the model."""
+    path, model = checkpoint
+    rng = np.random.default_rng(3)
+    levels = rng.integers(0, 65536, (5, 16, 16)).astype(np.uint16)
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    for t, frame in enumerate(levels):
+        Image.fromarray(frame).save(folder / f"frame_{t}.png")
+    frames = read_input_frames(folder)
+    np.testing.assert_array_equal(np.rint(frames[0, :, 0] * 65535).astype(np.uint16), levels)
+    assert len(np.unique(frames)) > 1000  # not binarised
+    out = tmp_path / "out"
+    assert predict([path, folder, "--future-frames", 2, "--out", out]) == 0
+    np.testing.assert_allclose(np.load(out / "predictions.npy"),
+                               expected(model, frames, 2), atol=1e-6)
+    # An 8-bit frame among 16-bit ones is scaled exactly (255 -> 65535).
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(folder / "frame_5.png")
+    assert float(read_input_frames(folder)[0, 5].min()) == 1.0
+
+
+@pytest.mark.parametrize("suffix, codec", [(".mp4", "libx264"), (".avi", "mpeg4"),
+                                           (".webm", "libvpx-vp9"), (".mkv", "mpeg4")])
+def test_predict_on_a_video_file(tmp_path, checkpoint, suffix, codec):
+    """A video decoded with PyAV, grayscaled, resized with --size; PNGs, GIF and mp4 out."""
+    import av
+
+    from _video_files import level_frames, write_video
+
+    path, model = checkpoint
+    levels = [20, 60, 100, 140, 180, 220]
+    video = write_video(tmp_path / f"clip{suffix}", level_frames(levels, 24, 32), codec=codec)
+    out = tmp_path / "out"
+    assert predict([path, video, "--future-frames", 2, "--out", out, "--size", 16, 16]) == 0
+    prediction = np.load(out / "predictions.npy")
+    assert prediction.shape == (1, 2, 1, 16, 16)
+    frames = read_input_frames(video, video_color="gray")
+    assert frames.shape == (1, 6, 1, 24, 32)
+    np.testing.assert_allclose(frames[0, :, 0].mean(axis=(1, 2)) * 255, levels, atol=3)
+    fitted = fit_frames(frames, ArchitectureConfig(**TINY), (16, 16))
+    np.testing.assert_allclose(prediction, expected(model, fitted, 2), atol=1e-6)
+    assert sorted(p.name for p in (out / "frames" / "seq0000").iterdir()) == \
+        ["frame_0007.png", "frame_0008.png"]
+    assert (out / "predictions.gif").is_file()
+    with av.open(str(out / "predictions.mp4")) as container:
+        decoded = [f.to_ndarray(format="gray") for f in container.decode(video=0)]
+    assert len(decoded) == 6 + 2 and decoded[0].shape == (16, 16)
+
+
+def test_predict_on_a_sixteen_bit_video_keeps_every_level(tmp_path, checkpoint):
+    import av
+
+    path, model = checkpoint
+    rng = np.random.default_rng(5)
+    levels = rng.integers(0, 65536, (4, 16, 16)).astype(np.uint16)
+    video = tmp_path / "deep.mkv"
+    with av.open(str(video), "w") as container:  # lossless 16-bit gray (FFV1)
+        stream = container.add_stream("ffv1", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "gray16le"
+        for frame in levels:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="gray16le")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    frames = read_input_frames(video, video_color="gray")
+    np.testing.assert_array_equal(np.rint(frames[0, :, 0] * 65535).astype(np.uint16), levels)
+    assert predict([path, video, "--future-frames", 1, "--out", tmp_path / "o"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "predictions.npy"),
+                               expected(model, frames, 1), atol=1e-6)

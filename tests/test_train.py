@@ -192,6 +192,69 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         config.run, resume="auto"))).step == 5
 
 
+def test_divergence_keeps_a_checkpoint_from_before_it_and_says_which(tmp_path, monkeypatch):
+    """Weights explode (here: a bad update multiplies them by 1e30 at step 3) while the loss
+    stays finite for a while; last.pt then holds intact but diverged weights. The stop must
+    name the last healthy checkpoint, and resuming from it with a lower lr must work."""
+    from applications.conv_tt_lstm.training import skeleton
+
+    real_step = skeleton.optimizer_step
+    calls = []
+
+    def exploding_step(loss, optimizer, **kwargs):
+        value = real_step(loss, optimizer, **kwargs)
+        calls.append(value)
+        if len(calls) == 3:
+            with torch.no_grad():
+                for group in optimizer.param_groups:
+                    for parameter in group["params"]:
+                        parameter.mul_(1e30)
+        return value
+
+    monkeypatch.setattr(skeleton, "optimizer_step", exploding_step)
+    config = tiny_config(tmp_path, run={"steps": 12, "checkpoint_every": 1})
+    with pytest.raises(NonFiniteLossError) as caught:
+        train(config)
+    message = str(caught.value)
+    healthy = tmp_path / "run" / "checkpoints" / "healthy.pt"
+    assert f"--resume {healthy}" in message and "(step 2, finite loss and weights)" in message
+    assert caught.value.resume_from == str(healthy) and caught.value.resume_step == 2
+    assert records(tmp_path / "run", "diverging")[0]["step"] == 3
+    diverged = last_state(tmp_path / "run")
+    assert diverged["training"]["step"] >= 3
+    assert max(float(v.abs().max()) for v in diverged["state_dict"].values()
+               if v.is_floating_point()) > 1e10 or not all(
+        torch.isfinite(v).all() for v in diverged["state_dict"].values())
+    saved = load_training_checkpoint(healthy)
+    assert saved["training"]["step"] == 2
+    assert max(float(v.abs().max()) for v in saved["state_dict"].values()) < 100
+    # Lower lr, resume from the named file: the run finishes with finite, sane weights.
+    monkeypatch.setattr(skeleton, "optimizer_step", real_step)
+    resumed = dataclasses.replace(
+        config, run=dataclasses.replace(config.run, resume=str(healthy)),
+        optim=dataclasses.replace(config.optim, lr=1e-3))
+    assert train(resumed).step == 12
+    final = last_state(tmp_path / "run")
+    assert all(torch.isfinite(v).all() for v in final["state_dict"].values())
+    assert max(float(v.abs().max()) for v in final["state_dict"].values()) < 100
+
+
+def test_resume_after_a_half_written_log_line(tmp_path):
+    config = tiny_config(tmp_path, run={"steps": 2})
+    train(config)
+    log = tmp_path / "run" / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "kind": "tr')  # a kill or a full disk
+    more = dataclasses.replace(config, run=dataclasses.replace(config.run, steps=3,
+                                                               resume="auto"))
+    with pytest.warns(UserWarning, match="log.jsonl: its last line .* cut short"):
+        assert train(more).step == 3
+    assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 3]
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:1] + ['{"step": 1, "ki'] + lines[1:]) + "\n")
+    with pytest.raises(ValueError, match=r"log\.jsonl, line 2: not valid JSON"):
+        train(dataclasses.replace(more, run=dataclasses.replace(more.run, steps=4)))
+
+
 def test_missing_and_malformed_dataset_files(tmp_path):
     missing = tiny_config(tmp_path, data={"root": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="nowhere"):

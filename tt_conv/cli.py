@@ -2,11 +2,17 @@
 
 ::
 
-    tt-conv compress MODEL_FILE --rank 0.25 --factorization tucker --out OUT --report report.md
-    tt-conv inspect MODEL_FILE [--input-shape 1,3,224,224]
+    tt-conv compress MODEL_FILE --arch timm:resnet18 --rank 0.25 --out OUT --report report.md
+    tt-conv inspect MODEL_FILE --arch torchvision:resnet50 [--input-shape 1,3,224,224]
+    tt-conv compress WHOLE_MODEL.pt --trust-pickle --out OUT      # runs code from the file
 
-``MODEL_FILE`` is a whole model saved with ``torch.save(model, path)`` (not a state_dict: its
-class is needed to rebuild it). Loading unpickles arbitrary code: only load files you trust.
+``MODEL_FILE`` is a state_dict or a checkpoint holding one (``state_dict``,
+``model_state_dict``, ``model`` or ``state_dict_ema`` entry), read with
+``torch.load(weights_only=True)``: no code from the file runs. ``--arch`` names the
+architecture its weights belong to (``timm:NAME``, ``torchvision:NAME`` or
+``package.module:function``, code from your own environment). A whole model pickled with
+``torch.save(model, path)`` loads only with ``--trust-pickle``: unpickling it runs whatever
+code the file names, so pass that flag only for files you trust.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import warnings
 from typing import List, Optional, Sequence
 
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import rank as R
 from .compress import compress, export
+from .equivalent import is_uninitialized_lazy
 from .layers.base import conv_geometry
 from .profile import (
     conv_input_shapes,
@@ -34,12 +40,20 @@ from .profile import (
     kernel_shape,
     layer_flops,
 )
-from .report import write_text_atomic
+from .files import (
+    FileWriteError,
+    atomic_torch_save,
+    load_pickle,
+    load_tensors,
+    pickled_globals,
+    write_text_atomic,
+)
 
 RANK_HELP = (
-    "0.25 (fraction of each layer's parameters), 16 or 16,8 (explicit ranks), evbmf, "
-    "evbmf:W (weakened EVBMF), energy:E, error:EPS, params:F, flops:F or latency:F (the "
-    "model's measured time, needs --input-shape)"
+    "0.25 (fraction of each layer's parameters; 1.0 is a budget of the dense size, not full "
+    "rank), 16 or 16,8 (explicit ranks), evbmf, evbmf:W (weakened EVBMF), energy:E, "
+    "error:EPS, params:F, flops:F or latency:F (the model's measured time, needs "
+    "--input-shape)"
 )
 
 
@@ -94,26 +108,111 @@ def parse_shape(text: Optional[str], argument: str = "--input-shape"):
     return shape
 
 
-def load_model(path: str):
-    """A whole ``nn.Module`` saved with ``torch.save``, on the CPU, or a CommandError."""
+#: The entries of a checkpoint dict that may hold the model's state_dict, in this order.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "module")
+
+TRUST_PICKLE_HELP = (
+    "MODEL_FILE is a whole model pickled with torch.save(model, path): load it with "
+    "weights_only=False, which RUNS CODE FROM THE FILE (any Python it names). Only for files "
+    "you trust; a state_dict with --arch needs no such trust")
+ARCH_HELP = (
+    "the architecture MODEL_FILE's state_dict belongs to: timm:NAME, torchvision:NAME or "
+    "package.module:function (called with no arguments; code of your environment, not of the "
+    "file)")
+
+
+def build_architecture(spec: str) -> nn.Module:
+    """A fresh, randomly initialised model from ``--arch`` text (see ``ARCH_HELP``)."""
+    source, _, name = spec.partition(":")
+    if not name:
+        raise CommandError(f"--arch {spec!r}: expected timm:NAME, torchvision:NAME or "
+                           f"package.module:function")
+    try:
+        if source == "timm":
+            import timm
+
+            return timm.create_model(name, pretrained=False)
+        if source == "torchvision":
+            import torchvision
+
+            return torchvision.models.get_model(name, weights=None)
+        import importlib
+
+        builder = getattr(importlib.import_module(source), name)
+    except ImportError as error:
+        raise CommandError(f"--arch {spec!r}: cannot import {error.name or source!r} "
+                           f"({error})") from None
+    except (AttributeError, KeyError, ValueError, RuntimeError) as error:
+        raise CommandError(f"--arch {spec!r}: no such model ({error})") from None
+    model = builder()
+    if not isinstance(model, nn.Module):
+        raise CommandError(f"--arch {spec!r} returned a {type(model).__name__}, not a "
+                           f"torch.nn.Module")
+    return model
+
+
+def _state_dict_of(content, path: str):
+    """The state_dict inside a weights-only ``content`` (a state_dict or a checkpoint)."""
+    if isinstance(content, dict) and content and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in content.items()):
+        return content
+    if isinstance(content, dict):
+        for key in STATE_DICT_KEYS:
+            if key in content:
+                return _state_dict_of(content[key], path)
+    held = type(content).__name__
+    if isinstance(content, dict):
+        held = f"dict with keys {sorted(map(str, content))[:8]}"
+    raise CommandError(f"{path!r} holds a {held}, neither a state_dict nor a checkpoint with "
+                       f"one under {'/'.join(STATE_DICT_KEYS)}")
+
+
+def load_model(path: str, *, arch: Optional[str] = None, trust_pickle: bool = False):
+    """The model of ``path`` on the CPU, through the one safe loading path, or a CommandError.
+
+    A state_dict or checkpoint loads with ``weights_only=True`` into the ``arch`` model
+    (:func:`build_architecture`); a whole pickled model only with ``trust_pickle``
+    (:func:`tt_conv.files.load_pickle`, which runs the file's code).
+    """
     if not os.path.isfile(path):
         raise CommandError(f"model file {path!r} does not exist")
+    if trust_pickle:
+        if arch is not None:
+            raise CommandError("--arch builds the model for a state_dict; --trust-pickle loads "
+                               "a whole pickled model: give one of them")
+        obj = load_pickle(path, error=CommandError)
+        if not isinstance(obj, nn.Module):
+            hint = (" (a state_dict or checkpoint: load it with --arch instead of "
+                    "--trust-pickle)" if isinstance(obj, dict) else "")
+            raise CommandError(f"{path!r} holds a {type(obj).__name__}, not a "
+                               f"torch.nn.Module{hint}")
+        return obj
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # unpickling fails in many ways
+        content = load_tensors(path, error=CommandError, what="model file")
+    except CommandError as error:
+        objects = pickled_globals(path)
+        if objects:
+            raise CommandError(
+                f"{error}. If it is a whole model saved with torch.save(model, path) and you "
+                f"trust where it came from, pass --trust-pickle (loading then runs that "
+                f"code); otherwise save model.state_dict() and pass --arch") from None
+        raise
+    state_dict = _state_dict_of(content, path)
+    if arch is None:
         raise CommandError(
-            f"could not load {path!r} with torch.load ({type(error).__name__}: {error}); "
-            f"expected a model saved with torch.save(model, path)"
-        ) from None
-    if not isinstance(obj, nn.Module):
-        hint = ""
-        if isinstance(obj, dict):
-            hint = (" (it looks like a state_dict or checkpoint: build the model, load the "
-                    "weights and save the whole model with torch.save(model, path))")
-        raise CommandError(
-            f"{path!r} holds a {type(obj).__name__}, not a torch.nn.Module{hint}"
-        )
-    return obj
+            f"{path!r} holds a state_dict ({len(state_dict)} tensors): name the architecture "
+            f"it belongs to with --arch timm:NAME, torchvision:NAME or package.module:function")
+    model = build_architecture(arch)
+    prefix = "module."
+    if all(k.startswith(prefix) for k in state_dict):  # saved from DistributedDataParallel
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    result = model.load_state_dict(state_dict, strict=False)
+    wrong = [f"missing {k}" for k in result.missing_keys] + \
+        [f"unexpected {k}" for k in result.unexpected_keys]
+    if wrong:
+        raise CommandError(f"{path!r} does not fit --arch {arch}: "
+                           f"{', '.join(wrong[:8])}{', ...' if len(wrong) > 8 else ''}")
+    return model.eval()
 
 
 def load_calibration(path: Optional[str]):
@@ -121,10 +220,7 @@ def load_calibration(path: Optional[str]):
         return None
     if not os.path.isfile(path):
         raise CommandError(f"calibration file {path!r} does not exist")
-    try:
-        batch = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CommandError(f"could not load calibration batch {path!r}: {error}") from None
+    batch = load_tensors(path, error=CommandError, what="calibration batch")
     if isinstance(batch, (tuple, list)) and batch and all(isinstance(t, torch.Tensor) for t in batch):
         return tuple(batch)
     if not isinstance(batch, torch.Tensor):
@@ -135,25 +231,32 @@ def load_calibration(path: Optional[str]):
     return batch
 
 
-def save_model_atomic(model, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        torch.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------- commands
 
 
+def check_outputs(model: str, outputs: Sequence[Optional[str]], force: bool) -> None:
+    """Refuse outputs that would replace the input model file (without ``--force``) or
+    each other."""
+    def same(a: str, b: str) -> bool:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+    given = [o for o in outputs if o is not None]
+    for i, output in enumerate(given):
+        if same(output, model) and not force:
+            raise CommandError(f"{output!r} is the input model file: writing there would "
+                               f"replace it; choose another path or pass --force")
+        if os.path.isdir(output):
+            raise CommandError(f"{output!r} is a folder; give a file name")
+        for other in given[i + 1:]:
+            if same(output, other):
+                raise CommandError(f"{output!r} is given for two outputs; give each its own file")
+
+
 def run_compress(args) -> int:
-    model = load_model(args.model)
+    check_outputs(args.model, [args.out, args.report], args.force)
+    model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     rank = parse_rank_argument(args.rank, args.global_budget, args.min_rank)
     calibration = load_calibration(args.calibration)
     try:
@@ -168,7 +271,7 @@ def run_compress(args) -> int:
         raise CommandError(str(error)) from None
     if args.export:
         compressed = export(compressed, inplace=True)
-    save_model_atomic(compressed, args.out)
+    atomic_torch_save(compressed, args.out)
     if args.report:
         lower = args.report.lower()
         if lower.endswith(".json"):
@@ -186,16 +289,23 @@ def run_compress(args) -> int:
 
 def inspect_rows(model, input_shape=None, progress: bool = True) -> List[dict]:
     """Per convolution: its shape, parameters, FLOPs and what EVBMF ranks would save."""
-    convs = conv_modules(model)
-    if not convs:
-        raise CommandError(f"the model ({type(model).__name__}) has no convolution to inspect")
     shapes = {}
     if input_shape is not None:
-        try:
-            shapes = conv_input_shapes(model, example_inputs(model, input_shape))
+        lazy = any(is_uninitialized_lazy(m) for m in model.modules())
+        try:  # a first pass initialises lazy convolutions, a second one sees them
+            for _ in range(2 if lazy else 1):
+                shapes = conv_input_shapes(model, example_inputs(model, input_shape))
         except Exception as error:
             raise CommandError(f"the model could not run on --input-shape {input_shape}: "
                                f"{error}") from None
+    for name, module in model.named_modules():
+        if is_uninitialized_lazy(module):
+            warnings.warn(f"layer {name!r} ({type(module).__name__}) is an uninitialised lazy "
+                          f"convolution and is not listed: pass --input-shape so that it is "
+                          f"initialised")
+    convs = conv_modules(model)
+    if not convs:
+        raise CommandError(f"the model ({type(model).__name__}) has no convolution to inspect")
     rows = []
     for name, conv in tqdm(convs, desc="inspecting", unit="layer",
                            disable=None if progress else True):
@@ -219,7 +329,8 @@ def inspect_rows(model, input_shape=None, progress: bool = True) -> List[dict]:
 
 
 def run_inspect(args) -> int:
-    model = load_model(args.model)
+    check_outputs(args.model, [args.json], force=False)
+    model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     rows = inspect_rows(model, parse_shape(args.input_shape), progress=not args.quiet)
     header = ["layer", "kernel", "params", "FLOPs", "cp (EVBMF)", "tucker (EVBMF)",
               "tt (EVBMF)"]
@@ -251,6 +362,15 @@ def run_inspect(args) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL_FILE and how it loads (``--arch`` / ``--trust-pickle``): one safe path."""
+    parser.add_argument("model", metavar="MODEL_FILE",
+                        help="a state_dict or checkpoint (with --arch), or a whole pickled "
+                             "model (with --trust-pickle)")
+    parser.add_argument("--arch", help=ARCH_HELP)
+    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tt-conv",
@@ -260,9 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     c = sub.add_parser("compress", help="factorize a model's convolutions and save it",
-                       description="Factorize the convolutions of MODEL_FILE (a whole model "
-                                   "saved with torch.save) and save the result.")
-    c.add_argument("model", metavar="MODEL_FILE")
+                       description="Factorize the convolutions of MODEL_FILE and save the "
+                                   "result (a whole model, torch.save(model)). MODEL_FILE is "
+                                   "a state_dict with --arch (no code from the file runs), or "
+                                   "a whole pickled model with --trust-pickle (runs the "
+                                   "file's code).")
+    add_model_arguments(c)
     c.add_argument("--out", required=True, help="where to save the compressed model")
     c.add_argument("--factorization", default="tucker", choices=["tucker", "cp", "tt", "auto"])
     c.add_argument("--rank", default="0.25", help=RANK_HELP)
@@ -283,12 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--export", action="store_true",
                    help="save plain PyTorch modules (loads without tt_conv)")
     c.add_argument("--report", help="write the report here (.md, .json or text)")
+    c.add_argument("--force", action="store_true",
+                   help="allow --out to be MODEL_FILE itself (replacing the input)")
     c.add_argument("--quiet", action="store_true", help="no progress bar or table")
     c.set_defaults(func=run_compress)
 
     i = sub.add_parser("inspect", help="list a model's convolutions and what EVBMF ranks "
                                        "would save per factorization")
-    i.add_argument("model", metavar="MODEL_FILE")
+    add_model_arguments(i)
     i.add_argument("--input-shape", help="model input shape for FLOPs, e.g. 1,3,224,224")
     i.add_argument("--json", help="also write the listing here as JSON")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -306,7 +431,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warnings.simplefilter("always", UserWarning)
         try:
             status = int(args.func(args) or 0)
-        except CommandError as error:
+        except (CommandError, FileWriteError) as error:
             _print_warnings(caught)
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -265,14 +265,14 @@ def calibration_inputs(calibration):
     if calibration is None:
         return None
     if isinstance(calibration, torch.Tensor):
-        return calibration
+        return _finite_batch(calibration)
     if isinstance(calibration, (tuple, list)):
         if not calibration or not all(isinstance(t, torch.Tensor) for t in calibration):
             raise TypeError(
                 "calibration as a tuple must hold the model's input tensors, got "
                 f"{[type(t).__name__ for t in calibration]}"
             )
-        return tuple(calibration)
+        return tuple(_finite_batch(t) for t in calibration)
     try:
         batch = next(iter(calibration))
     except TypeError:
@@ -283,13 +283,23 @@ def calibration_inputs(calibration):
     except StopIteration:
         raise ValueError("calibration is an empty iterable: no batch to calibrate on") from None
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
+        return _finite_batch(batch[0])
     if isinstance(batch, torch.Tensor):
-        return batch
+        return _finite_batch(batch)
     raise TypeError(
         f"calibration batches must be tensors or (inputs, targets) pairs, got "
         f"{type(batch).__name__}"
     )
+
+
+def _finite_batch(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, unless it holds NaN or inf (the least-squares fits would fail on it)."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(f"the calibration batch holds {bad} NaN or inf value(s) of "
+                             f"{tensor.numel()}; calibrate on finite inputs")
+    return tensor
 
 
 def model_inputs(model: nn.Module, input_shape, calibration):

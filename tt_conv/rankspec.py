@@ -60,6 +60,10 @@ class RankSpec:
             "energy": f"{self.value:g} of the spectral energy",
             "error": f"relative error {self.value:g}",
         }[self.kind]
+        if self.kind in ("params", "flops") and self.value >= 1:
+            # Full-rank factors hold more parameters than the dense kernel: a budget of the
+            # dense size still truncates (explicit ranks give full rank).
+            text += " (a budget of the dense size, not full rank)"
         if self.global_budget and self.kind != "latency":
             text += " over all selected convolutions (global)"
         if self.min_rank > 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import os
 from typing import Any, Dict, Iterable, Mapping, Tuple, Type, TypeVar
 
 T = TypeVar("T")
@@ -38,6 +39,12 @@ def check_positive_ints(name: str, values: Any) -> Tuple[int, ...]:
                 for v in values):
         raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {values!r}")
     return tuple(int(v) for v in values)
+
+
+def check_output_folder(name: str, path: Any) -> None:
+    """Raise unless ``path`` is a folder or does not exist yet (it will be created)."""
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name} {path}: is a file; give a folder (it is created if missing)")
 
 
 def plain_fields(config: Any) -> Dict[str, Any]:

@@ -35,10 +35,11 @@ def input_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .data.sequence_files import DatasetFileError
     from .data.video import VideoDecodeError
+    from .files import FileWriteError
     from .precision import PrecisionError
 
     return (CheckpointError, FileNotFoundError, DatasetFileError, PrecisionError,
-            VideoDecodeError, ValueError)
+            VideoDecodeError, FileWriteError, ValueError)
 
 
 def run_training(command: str, train, config, args: argparse.Namespace):

@@ -8,7 +8,7 @@
   with a clear error when the frame size does not suit its ``patch_size``.
 * :func:`predict_frames`: batched rollout on a device under a chosen precision.
 * :func:`predict_file`: all of the above for a file or folder of frames, writing the
-  predictions (npy, one PNG per frame, GIF and grid, ``predict.json``).
+  predictions (npy, one PNG per frame, GIF and grid, an mp4, ``predict.json``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .checkpoint import (
     read_file,
 )
 from .data.sequence_files import NPZ_KEY
+from .data.video import VIDEO_SUFFIXES, read_video, write_video
 from .files import atomic_path, write_json_atomic
 from .model import ArchitectureConfig, VideoPredictionNetwork
 from .nvlabs import load_nvlabs_checkpoint
@@ -47,6 +48,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 ARRAY_LAYOUTS: Tuple[str, ...] = ("auto", "THW", "TCHW", "THWC", "NTHW", "TNHW", "NTCHW", "NTHWC")
 #: Image suffixes of a frame folder.
 IMAGE_SUFFIXES: Tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+#: Pillow modes of gray images deeper than 8 bits (16-bit PNGs open as one of them).
+_DEEP_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 #: ITU-R 601-2 luma weights (what Pillow's "L" conversion uses).
 _LUMA = (0.299, 0.587, 0.114)
@@ -133,7 +137,8 @@ def _natural_key(path: Path):
 
 def read_image_folder(folder: PathLike) -> np.ndarray:
     """The images of ``folder`` (PNG/JPEG, natural name order) as uint8 ``(T, H, W, 3)`` or
-    ``(T, H, W)`` when every image is grayscale.
+    ``(T, H, W)`` when every image is grayscale; uint16 ``(T, H, W)`` when a gray frame
+    has 16 bits (then every level is kept, and 8-bit frames are scaled exactly).
 
     Raises
     ------
@@ -161,7 +166,21 @@ def read_image_folder(folder: PathLike) -> np.ndarray:
             f"{folder}: frames differ in size ({', '.join(f'{w}x{h}' for w, h in sorted(sizes))}); "
             "every frame of a sequence must be the same size"
         )
-    gray = all(image.mode in ("L", "I", "I;16", "1") for image in images)
+    gray = all(image.mode in ("L", "1") + _DEEP_GRAY for image in images)
+    if gray and any(image.mode in _DEEP_GRAY for image in images):
+        # 16-bit gray: kept exactly (Pillow's "L" conversion would clip it to 0 / 255);
+        # 8-bit frames among them are scaled exactly (v * 257: 255 -> 65535).
+        frames = []
+        for file, image in zip(files, images):
+            if image.mode in _DEEP_GRAY:
+                values = np.asarray(image).astype(np.int64)
+                if values.min() < 0 or values.max() > 65535:
+                    raise InputFramesError(f"{file}: {image.mode} values outside 0-65535 "
+                                           f"({values.min()} to {values.max()})")
+                frames.append(values.astype(np.uint16))
+            else:
+                frames.append(np.asarray(image.convert("L")).astype(np.uint16) * 257)
+        return np.stack(frames)
     return np.stack([np.asarray(image.convert("L" if gray else "RGB")) for image in images])
 
 
@@ -223,7 +242,8 @@ def _read_array(path: Path) -> Tuple[np.ndarray, Optional[str]]:
         raise InputFramesError(f"{path}: not a readable .npy / .npz file ({error})") from None
 
 
-def read_input_frames(path: PathLike, layout: str = "auto") -> np.ndarray:
+def read_input_frames(path: PathLike, layout: str = "auto", *,
+                      video_color: str = "rgb") -> np.ndarray:
     """A user's sequences as float32 ``[N, T, C, H, W]`` in ``[0, 1]``.
 
     Parameters
@@ -237,6 +257,9 @@ def read_input_frames(path: PathLike, layout: str = "auto") -> np.ndarray:
         Axis order of an array: one of :data:`ARRAY_LAYOUTS`. ``"auto"``: 3-D ``THW``, 4-D
         ``NTHW`` (``TNHW`` for a file named ``mnist_test_seq*``), 5-D ``NTCHW`` or
         ``NTHWC`` by which axis has 1 or 3 entries.
+    video_color : {"rgb", "gray"}
+        How a video file (:data:`~.data.video.VIDEO_SUFFIXES`: mp4, avi, webm, mkv, ...)
+        is decoded: one sequence of all its frames.
 
     Raises
     ------
@@ -251,6 +274,10 @@ def read_input_frames(path: PathLike, layout: str = "auto") -> np.ndarray:
     if path.is_dir():
         array, file_layout = read_image_folder(path), None
         layout = "THW" if array.ndim == 3 else "THWC"
+    elif path.suffix.lower() in VIDEO_SUFFIXES:
+        # Decoded by PyAV (gray from the luma plane, every level of a deep video kept).
+        array = read_video(path, color=video_color, deep=True)
+        layout = "THW" if array.ndim == 3 else "THWC"
     else:
         array, file_layout = _read_array(path)
         if layout == "auto":
@@ -260,8 +287,11 @@ def read_input_frames(path: PathLike, layout: str = "auto") -> np.ndarray:
         raise InputFramesError(f"{path}: empty frames of shape {tuple(frames.shape)} (as N, T, C, H, W)")
     if frames.dtype == np.uint8:
         return frames.astype(np.float32) / 255.0
+    if frames.dtype == np.uint16:  # 16-bit frames (PNG, arrays): every level kept
+        return (frames.astype(np.float64) / 65535.0).astype(np.float32)
     if not np.issubdtype(frames.dtype, np.floating):
-        raise InputFramesError(f"{path}: frames must be uint8 (0-255) or float in [0, 1], got {frames.dtype}")
+        raise InputFramesError(f"{path}: frames must be uint8 (0-255), uint16 (0-65535) or "
+                               f"float in [0, 1], got {frames.dtype}")
     low, high = float(np.min(frames)), float(np.max(frames))
     if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
         raise InputFramesError(
@@ -377,7 +407,8 @@ def predict_file(checkpoint: PathLike, source: PathLike, future_frames: int, out
     resolve_precision(precision, device)
     model, info = load_model(checkpoint, device=device,
                              output_sigmoid=True if release_output_sigmoid else None)
-    frames = fit_frames(read_input_frames(source, layout), model.config,
+    color = "gray" if model.config.image_channels == 1 else "rgb"
+    frames = fit_frames(read_input_frames(source, layout, video_color=color), model.config,
                         None if size is None else tuple(size))
     given = frames.shape[1]
     k = given if input_frames is None else input_frames
@@ -392,6 +423,7 @@ def predict_file(checkpoint: PathLike, source: PathLike, future_frames: int, out
     if frame_pngs:
         written.append(write_frame_pngs(out / "frames", prediction, first_number=k + 1))
     written += write_figures(out, inputs, truth, prediction, figure_samples)
+    written.append(write_prediction_video(out / "predictions.mp4", inputs[0], prediction[0]))
     written.append(write_json_atomic(out / "predict.json", {
         "checkpoint": str(checkpoint), "checkpoint_layout": info["layout"],
         "architecture": info["architecture"], "input": str(source),
@@ -422,6 +454,15 @@ def write_frame_pngs(folder: PathLike, prediction: torch.Tensor, first_number: i
             with atomic_path(name) as temporary:
                 Image.fromarray(image).save(temporary)
     return Path(folder)
+
+
+def write_prediction_video(path: PathLike, inputs: torch.Tensor, prediction: torch.Tensor,
+                           fps: float = 4.0) -> Path:
+    """One sequence's input frames, then its predicted frames (``[T, C, H, W]`` in
+    ``[0, 1]``), as an mp4."""
+    frames = torch.cat([inputs, prediction]).clamp(0, 1).mul(255).round().to(torch.uint8)
+    frames = frames.permute(0, 2, 3, 1).numpy()
+    return write_video(path, frames[..., 0] if frames.shape[-1] == 1 else frames, fps)
 
 
 def write_figures(out: PathLike, inputs: torch.Tensor, truth: torch.Tensor,

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .checkpoint import CheckpointError, load_state, read_file
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_state, read_file
 from .model import ArchitectureConfig, VideoPredictionNetwork
 
 _CELL_KEY = re.compile(r"^layers\.b(\d+)l(\d+)\.(.+)$")
@@ -86,6 +86,11 @@ def release_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]
                        ) -> Dict[str, torch.Tensor]:
     """The bare state dict of a release checkpoint (file or dict), ``module.`` prefixes removed."""
     value = read_file(source, "cpu")
+    if value.get("format") == CHECKPOINT_FORMAT:
+        where = source if isinstance(source, (str, os.PathLike)) else "the checkpoint"
+        raise CheckpointError(f"{where} is already a tt-conv checkpoint (format "
+                              f"{CHECKPOINT_FORMAT!r}): it needs no conversion; evaluate, "
+                              f"predict and load_model take it as it is")
     if "model_state_dict" in value:
         value = value["model_state_dict"]
         if not isinstance(value, Mapping):

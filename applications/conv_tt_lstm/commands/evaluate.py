@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..checks import check_output_folder
 from ..cli import CommandError, input_errors
 from .prepare import positive
 
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     lengths = None if args.sequences is None else {args.split: args.sequences}
     try:
+        check_output_folder("--out", args.out)
         spec = DatasetSpec(
             name=args.dataset, data_root=args.data_root, input_frames=args.input_frames,
             future_frames=args.future_frames, image_size=args.image_size, digits=args.digits,

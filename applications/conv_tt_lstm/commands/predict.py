@@ -1,16 +1,19 @@
 """``predict CHECKPOINT INPUT``: a checkpoint's predictions of the frames after a user's frames.
 
-INPUT is an ``.npy`` / ``.npz`` file or a folder of frame images (PNG / JPEG, one sequence,
-natural name order). Arrays may be ``(T, H, W)``, ``(N, T, H, W)``, ``(N, T, C, H, W)``, the
-release's npz (``data``: ``(N, T, H, W, C)``) or the time-first ``mnist_test_seq.npy``, uint8
-or float in [0, 1] (``--layout`` when the axes are ambiguous). Frames are converted to the
+INPUT is an ``.npy`` / ``.npz`` file, a folder of frame images (PNG / JPEG, 8 or 16 bit, one
+sequence, natural name order) or a video file (mp4, avi, webm, mkv, ... decoded with PyAV:
+one sequence, gray from the luma plane for a gray model, every level of a 10/12/16-bit video
+kept). Arrays may be ``(T, H, W)``, ``(N, T, H, W)``, ``(N, T, C, H, W)``, the
+release's npz (``data``: ``(N, T, H, W, C)``) or the time-first ``mnist_test_seq.npy``, uint8,
+uint16 or float in [0, 1] (``--layout`` when the axes are ambiguous). Frames are converted to the
 model's channels (RGB <-> gray) and, with ``--size``, resized; their size must be divisible
 by the model's patch size. With ``--input-frames K`` only the first K frames are given to
 the model and the following ones, if they cover the whole horizon, are drawn as the truth.
 
 Writes to --out: predictions.npy (float32 ``[N, future, C, H, W]`` in [0, 1]), one PNG per
 predicted frame (``frames/seq{n}/frame_{t}.png``, t counting from the first input frame),
-predictions.gif (inputs, then predictions) and predictions.png (a grid), plus predict.json.
+predictions.gif (inputs, then predictions), predictions.png (a grid) and predictions.mp4 (the
+first sequence's inputs, then its predictions), plus predict.json.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..checks import check_output_folder
 from ..cli import CommandError, input_errors
 from .prepare import positive
 
@@ -34,7 +38,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", type=Path, help="our checkpoint or the paper release's")
-    parser.add_argument("input", type=Path, help=".npy / .npz file or folder of PNG/JPEG frames")
+    parser.add_argument("input", type=Path, help=".npy / .npz file, folder of PNG/JPEG frames or a video file")
     parser.add_argument("--future-frames", type=positive, required=True,
                         help="number of frames to predict")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import predict_file
 
     try:
+        check_output_folder("--out", args.out)
         result = predict_file(
             args.checkpoint, args.input, args.future_frames, args.out,
             input_frames=args.input_frames, layout=args.layout, size=args.size,

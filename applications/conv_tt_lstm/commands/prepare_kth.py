@@ -93,4 +93,8 @@ def run(args: argparse.Namespace) -> int:
     if index["failed"]:
         print(f"{counts['failed']} video(s) failed and were skipped; listed under 'failed' in the index")
     print(f"index: {args.out / INDEX_FILE}")
+    if not counts["videos"]:
+        raise CommandError(f"no usable KTH video in {args.raw}: {counts['failed']} failed to "
+                           f"decode, {len(index['rejected'])} ignored (see above); nothing to "
+                           f"train on")
     return 1 if args.strict and (index["failed"] or index["rejected"]) else 0

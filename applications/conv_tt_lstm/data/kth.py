@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..checks import check_choice
-from ..files import atomic_path, write_json_atomic
+from ..files import atomic_path, remove_stale_temporaries, write_json_atomic
 from .sequence_files import DatasetFileError, frames_to_tensor, read_npy_header
 from .video import (
     RESAMPLE_FILTERS,
@@ -302,15 +302,8 @@ def prepare_one(source: KTHSource, target: PathLike, size: Tuple[int, int], resa
 
 
 def _remove_stale_temporaries(out: Path) -> int:
-    """Delete temporary files left by a killed run (atomic writes leave ``.NAME.*.tmp.npy``)."""
-    removed = 0
-    for action in KTH_ACTIONS:
-        folder = out / action
-        if folder.is_dir():
-            for path in folder.glob(".*.tmp.npy"):
-                path.unlink(missing_ok=True)
-                removed += 1
-    return removed
+    """Delete temporary files left by a killed run in every action folder."""
+    return sum(len(remove_stale_temporaries(out / action)) for action in KTH_ACTIONS)
 
 
 def prepare_kth(

@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..checks import check_choice
-from ..files import atomic_path
+from ..files import atomic_path, read_json_lines
 from .sequence_files import DatasetFileError, frames_to_tensor
 from .video import COLORS, RESAMPLE_FILTERS, SizeArg, VideoDecodeError, parse_size, read_video
 
@@ -205,11 +205,7 @@ def read_failure_log(path: PathLike) -> List[Dict[str, str]]:
     if not path.is_file():
         return []
     by_id: Dict[str, Dict[str, str]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a killed writer
+    for record in read_json_lines(path, what="failure log"):
         if isinstance(record, dict) and "id" in record:
             by_id[str(record["id"])] = record
     return [by_id[k] for k in sorted(by_id)]

@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..checks import check_choice, check_int
+from ..files import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 SizeArg = Union[int, Tuple[int, int], Sequence[int]]
@@ -180,6 +181,49 @@ def _stack(frames: List[np.ndarray], path: Path) -> np.ndarray:
     return np.stack(frames)
 
 
+#: Suffixes of the video files the commands decode (any container FFmpeg reads works).
+VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv")
+
+
+def _bits(frame) -> int:
+    """Bits per sample of a decoded frame's first plane (8 for ordinary video)."""
+    try:
+        return max(component.bits for component in frame.format.components)
+    except (AttributeError, ValueError):
+        return 8
+
+
+def write_video(path: PathLike, frames: np.ndarray, fps: float = 4.0) -> Path:
+    """Encode uint8 frames ``(T, H, W)`` or ``(T, H, W, 3)`` as an H.264 mp4, atomically.
+
+    Odd frame sizes are padded by one replicated row / column (yuv420p needs even sizes).
+    """
+    import av
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim not in (3, 4) or len(frames) == 0:
+        raise ValueError(f"write_video needs uint8 (T, H, W[, 3]) frames, got "
+                         f"{frames.dtype} {frames.shape}")
+    if frames.ndim == 3:
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    pad = ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0))
+    frames = np.pad(frames, pad, mode="edge")
+    from fractions import Fraction
+
+    with atomic_path(path) as temporary:
+        with av.open(str(temporary), "w", format="mp4") as container:
+            stream = container.add_stream("libx264" if "libx264" in av.codecs_available
+                                          else "mpeg4", rate=Fraction(fps).limit_denominator(1000))
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    return Path(path)
+
+
 def read_video(
     path: PathLike,
     *,
@@ -187,6 +231,7 @@ def read_video(
     size: Optional[SizeArg] = None,
     resample: str = "bilinear",
     n_frames: Optional[int] = None,
+    deep: bool = False,
 ) -> np.ndarray:
     """Decode a video file's first video stream into uint8 frames.
 
@@ -203,11 +248,15 @@ def read_video(
     n_frames : int, optional
         Return this many frames spread evenly over the whole video
         (:func:`uniform_indices`; frames repeat if the video is shorter); default: all.
+    deep : bool
+        Gray frames of a video with more than 8 bits per sample (10-, 12-, 16-bit) come
+        back as uint16 with every level kept (default: uint8, as for training data).
 
     Returns
     -------
     numpy.ndarray
-        uint8 ``(T, H, W)`` or ``(T, H, W, 3)``.
+        uint8 ``(T, H, W)`` or ``(T, H, W, 3)``; uint16 ``(T, H, W)`` for a deep gray video
+        with ``deep=True`` (levels scaled to 0-65535).
 
     Raises
     ------
@@ -234,6 +283,14 @@ def read_video(
     pixel_format = COLORS[color][0]
 
     def convert(frame) -> np.ndarray:
+        if deep and color == "gray" and _bits(frame) > 8:
+            # Every level of a 10/12/16-bit video kept: 16-bit luma, resized in float.
+            array = reformatter.reformat(frame, format="gray16le").to_ndarray()
+            if target is not None and array.shape != target:
+                image = Image.fromarray(array.astype(np.float32), "F")
+                array = np.clip(np.rint(np.asarray(image.resize((target[1], target[0]),
+                                                                method))), 0, 65535)
+            return np.asarray(array, dtype=np.uint16)
         array = reformatter.reformat(frame, format=pixel_format).to_ndarray()
         return _convert(Image.fromarray(array), color, target, method)
 

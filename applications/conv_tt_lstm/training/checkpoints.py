@@ -8,26 +8,36 @@ and free-form ``extra`` values. Files are written atomically, so a run killed wh
 leaves the previous checkpoint intact. Only plain values and tensors are stored: the files
 load with ``torch.load(..., weights_only=True)``.
 
-Layout of a run folder: ``checkpoints/last.pt`` (every N steps and at the end) and
-``checkpoints/best.pt`` (the best validation score so far), kept apart.
+Layout of a run folder: ``checkpoints/last.pt`` (every N steps and at the end),
+``checkpoints/healthy.pt`` (the newest ``last.pt`` whose loss and weights were finite and
+not exploding, :func:`divergence`; a hard link, no extra space) and ``checkpoints/best.pt``
+(the best validation score so far), kept apart.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import shutil
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ..files import atomic_torch_save, load_tensors
+from ..files import atomic_path, atomic_torch_save, load_tensors, remove_stale_temporaries
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 LAST = "last.pt"
 BEST = "best.pt"
+#: The newest ``last.pt`` whose loss and weights were finite and not exploding: where a run
+#: that diverged is resumed from (with a lower learning rate).
+HEALTHY = "healthy.pt"
+#: Growth (of the parameters' norm over the run's initial norm, of the loss over the run's
+#: first losses) beyond which a checkpoint counts as diverging, not healthy.
+EXPLOSION_FACTOR = 100.0
 
 
 class ResumeError(ValueError):
@@ -105,6 +115,59 @@ def save_training_checkpoint(path: PathLike, model_checkpoint: Mapping[str, Any]
     return atomic_torch_save({**model_checkpoint, "training": dict(training)}, path)
 
 
+def parameter_norm(model: torch.nn.Module) -> float:
+    """The Euclidean norm of all of ``model``'s parameters together (float64)."""
+    total = 0.0
+    for parameter in model.parameters():
+        total += float(parameter.detach().double().pow(2).sum())
+    return math.sqrt(total) if math.isfinite(total) else math.inf
+
+
+def divergence(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], *,
+               initial_norm: float, losses: Sequence[float],
+               reference_loss: Optional[float]) -> Optional[str]:
+    """Why the state about to be saved is diverging, or ``None`` when it is healthy.
+
+    Diverging: a parameter or optimiser state that is NaN/inf, a parameter norm more than
+    :data:`EXPLOSION_FACTOR` times the run's initial one, or a loss since the previous
+    checkpoint more than :data:`EXPLOSION_FACTOR` times the run's first losses
+    (``reference_loss``). Weights grow to ~1e30 before the loss overflows: a checkpoint
+    of such weights is intact but useless to resume from.
+    """
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter.detach()).all()):
+            return f"parameter {name} holds NaN or inf"
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and \
+                        not bool(torch.isfinite(value).all()):
+                    return f"the optimiser's {key} holds NaN or inf"
+    norm = parameter_norm(model)
+    if initial_norm > 0 and norm > EXPLOSION_FACTOR * initial_norm:
+        return (f"the parameters' norm grew to {norm:.3g}, {norm / initial_norm:.3g} times its "
+                f"initial {initial_norm:.3g}")
+    if reference_loss is not None and reference_loss > 0 and losses:
+        worst = max(losses)
+        if worst > EXPLOSION_FACTOR * reference_loss:
+            return (f"the loss reached {worst:.3g}, {worst / reference_loss:.3g} times the "
+                    f"run's first losses ({reference_loss:.3g})")
+    return None
+
+
+def keep_healthy(last: PathLike, healthy: PathLike) -> Path:
+    """Make ``healthy`` the same file as ``last`` (a hard link, atomically; a copy where the
+    file system has no links)."""
+    last, healthy = Path(last), Path(healthy)
+    with atomic_path(healthy) as temporary:
+        temporary.unlink()
+        try:
+            os.link(last, temporary)
+        except OSError:
+            shutil.copyfile(last, temporary)
+    return healthy
+
+
 def load_training_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     """Read a training checkpoint written by :func:`save_training_checkpoint`.
 
@@ -168,9 +231,13 @@ def start_run(run_dir: PathLike, resume: Optional[str], overwrite: bool) -> Opti
     """
     run_dir = Path(run_dir)
     last_path = checkpoint_dir(run_dir) / LAST
+    # Saves killed half-way leave full-size temporary files; nothing else would remove them.
+    remove_stale_temporaries(checkpoint_dir(run_dir))
     resume_path = find_resume_checkpoint(run_dir, resume)
     if resume_path is None and last_path.is_file() and not overwrite:
         raise RunExistsError(
             f"{run_dir} already holds a checkpoint ({last_path}); continue it with --resume "
             f"auto, start over with --overwrite, or pick another --name")
+    if resume_path is None:  # a fresh start: an earlier run's healthy.pt is not this run's
+        (checkpoint_dir(run_dir) / HEALTHY).unlink(missing_ok=True)
     return resume_path

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Iterable, Literal, Mapping, Optional, Tuple
 
@@ -114,13 +116,14 @@ class BaseOptimConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
         for name in ("weight_decay", "clip_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                raise ValueError(f"optim.{name} must be a finite number >= 0, got {value!r}")
 
 
 class SectionedConfig:
@@ -150,11 +153,29 @@ class SectionedConfig:
         return dataclasses.replace(self, **sections)
 
 
-def parse_value(text: str, current: Any, where: str) -> Any:
-    """``text`` as the type of the field's current value."""
+def _optional_inner(annotation: Any) -> Tuple[bool, Any]:
+    """Whether a field's type admits ``None``, and its type without ``None``."""
+    if typing.get_origin(annotation) is typing.Union:
+        others = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return len(others) < len(typing.get_args(annotation)), \
+            others[0] if len(others) == 1 else None
+    return annotation is type(None), annotation
+
+
+def parse_value(text: str, current: Any, where: str, annotation: Any = None) -> Any:
+    """``text`` as the type of the field (its annotation when given, else its current value).
+
+    ``none`` / ``null`` clear only a field whose type admits ``None``; an optional field
+    holding ``None`` takes the value as its declared type (a path stays a string).
+    """
     lowered = text.strip().lower()
+    optional, inner = _optional_inner(annotation) if annotation is not None else (True, None)
     if lowered in ("none", "null"):
+        if not optional:
+            raise ValueError(f"{where}: this field cannot be none")
         return None
+    if current is None and inner in (str, int, float, bool):
+        return parse_value(text, inner() if inner is not str else "", where)
     if isinstance(current, bool):
         if lowered in ("true", "1", "yes", "on"):
             return True
@@ -214,7 +235,12 @@ def apply_overrides(config: SectionedConfig, overrides: Iterable[str]) -> Sectio
             raise ValueError(f"override {override!r}: {section} has no field {name!r}; "
                              f"fields: {sorted(values[section])}")
         current = getattr(current_section, name)
-        values[section][name] = parse_value(text, current, f"override {override!r}")
+        try:
+            annotation = typing.get_type_hints(type(current_section)).get(name)
+        except Exception:  # an annotation that does not resolve: go by the value
+            annotation = None
+        values[section][name] = parse_value(text, current, f"override {override!r}",
+                                            annotation)
     try:
         return type(config).from_dict(values)
     except (TypeError, ValueError) as error:

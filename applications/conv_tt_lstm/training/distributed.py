@@ -56,16 +56,46 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
-def choose_device(device: str, local_rank: int = 0) -> torch.device:
-    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+#: What ``--device`` takes, for messages.
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def choose_device(device: Any, local_rank: int = 0) -> torch.device:
+    """The one ``--device`` check of every command (train, recognize, evaluate, predict).
+
+    ``"auto"``: this process's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU;
+    ``"cpu"``; ``"cuda"`` (this process's GPU) or ``"cuda:N"``.
+
+    Raises
+    ------
+    ValueError
+        A name torch does not know (``gpu``), a device type the commands do not run on
+        (``mps``, ``meta``, ...), or a GPU that is not there; the message says what to pass.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise ValueError(f"--device must be {DEVICE_CHOICES}, got {device!r}")
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    chosen = torch.device(device)
-    if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
-        if chosen.index is None:
-            chosen = torch.device(f"cuda:{local_rank}")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {device}: not a device name; expected {DEVICE_CHOICES}"
+                         ) from None
+    if chosen.type == "cpu":
+        return chosen
+    if chosen.type != "cuda":
+        raise ValueError(f"--device {device}: the commands run on the CPU or CUDA GPUs only; "
+                         f"expected {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (no GPU or a "
+                         f"CPU-only torch); use --device cpu or auto")
+    if chosen.index is None:
+        chosen = torch.device(f"cuda:{local_rank}")
+    if chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return chosen
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Union
 
 import torch
 
-from ..files import write_text_atomic
+from ..files import read_json_lines, write_text_atomic
 from .distributed import DistContext
 
 LOG_FILE = "log.jsonl"
@@ -61,9 +61,9 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.run_dir / LOG_FILE
         if log_path.is_file():
-            kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= initial_step]
-            write_text_atomic(log_path, "".join(line + "\n" for line in kept))
+            kept = [record for record in read_json_lines(log_path, what="training log")
+                    if not isinstance(record, dict) or record.get("step", 0) <= initial_step]
+            write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in kept))
         self._log = open(log_path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -102,6 +102,14 @@ class RunLogger:
             self._bar.update(steps)
             if postfix:
                 self._bar.set_postfix({k: _plain(v) for k, v in postfix.items()}, refresh=False)
+
+    def said(self, key: str) -> bool:
+        """Whether :meth:`said` was asked about ``key`` before (a message shown once a run)."""
+        seen = self.__dict__.setdefault("_said", set())
+        if key in seen:
+            return True
+        seen.add(key)
+        return False
 
     def set_total(self, total_steps: int) -> None:
         """The run will take ``total_steps`` steps after all (the progress bar's total)."""

@@ -11,16 +11,29 @@ from .distributed import DistContext, all_reduce_mean
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the step is named and nothing was updated."""
+    """The loss became NaN or infinite; the step is named and nothing was updated.
 
-    def __init__(self, step: int, value: float):
-        super().__init__(
-            f"the training loss is {value} at step {step}: stopping. The last checkpoint "
-            f"written before this step is intact; lower the learning rate (--lr), clip "
-            f"gradients harder (--set optim.clip_grad_norm=...) or use --precision fp32, then "
-            f"--resume auto")
+    ``resume_from`` (set by the training skeleton) is the newest checkpoint from before the
+    divergence, ``None`` when there is none; the message says which file to resume from.
+    """
+
+    def __init__(self, step: int, value: float, resume_from: Optional[str] = None,
+                 resume_step: Optional[int] = None, note: str = ""):
+        remedy = ("lower the learning rate (--lr), clip gradients harder (--set "
+                  "optim.clip_grad_norm=...) or use --precision fp32")
+        if resume_from is not None:
+            where = (f"Resume from the last checkpoint from before the divergence, "
+                     f"{resume_from} (step {resume_step}, finite loss and weights): {remedy}, "
+                     f"then --resume {resume_from}")
+        else:
+            where = (f"No checkpoint from before the divergence exists: {remedy}, then start "
+                     f"over with --overwrite")
+        super().__init__(f"the training loss is {value} at step {step}: stopping. {where}."
+                         + (f" {note}" if note else ""))
         self.step = step
         self.value = value
+        self.resume_from = resume_from
+        self.resume_step = resume_step
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, step: int,

@@ -5,8 +5,10 @@ precision, the run folder and its ``config.json``, resuming exactly, wrapping th
 DistributedDataParallel, Adam with gradient clipping and the learning-rate schedule, the
 logger (a context manager: tqdm, JSONL, TensorBoard), ``checkpoints/last.pt`` every
 ``checkpoint_every`` steps and at the end, ``checkpoints/best.pt`` by validation, the time
-limit and the stop on a non-finite loss. A task plugs in what differs (:class:`Task`): its
-data, its model, a forward pass and a loss, a validation score and its final outputs.
+limit and the stop on a non-finite loss, which names the last checkpoint whose loss and
+weights were finite and not exploding (``checkpoints/healthy.pt``) to resume from. A task
+plugs in what differs (:class:`Task`): its data, its model, a forward pass and a loss, a
+validation score and its final outputs.
 
 The tasks: video prediction (:class:`~applications.conv_tt_lstm.prediction.PredictionTask`)
 and early recognition (:class:`~applications.conv_tt_lstm.recognition.task.RecognitionTask`).
@@ -20,6 +22,7 @@ reduced over ranks, and rank 0 writes.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +175,8 @@ def train_task(task: Task, *, overwrite: bool = False,
     Raises
     ------
     NonFiniteLossError
-        The loss became NaN/inf; the last checkpoint written before is intact.
+        The loss became NaN/inf; its message names the last checkpoint from before the
+        divergence (``checkpoints/healthy.pt``: finite, not exploding) to resume from.
     RunExistsError, ResumeError, PrecisionError, FileNotFoundError, DatasetFileError, ValueError
         Bad input, each naming what to change.
     """
@@ -209,8 +213,14 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
     generators = task.generators(context)
     stateful = {"optimizer": optimizer, "scaler": scaler, "schedule": schedule}
     step, best = 0, -math.inf if task.higher_is_better else math.inf
+    # What "diverging" is measured against (ckpt.divergence): the run's initial weights'
+    # norm and its first losses, saved with the checkpoints.
+    health: Dict[str, Any] = {"initial_norm": ckpt.parameter_norm(model), "first_losses": []}
+    losses_since_save: list = []
     if resume_path is not None:
-        step, best = _resume(resume_path, task, model, stateful, generators, context, best)
+        step, best, saved_health = _resume(resume_path, task, model, stateful, generators,
+                                           context, best)
+        health.update(saved_health)
     # The one place the model is wrapped for training (compiled, DistributedDataParallel).
     wrapped = wrap_model(model, context, compile=run.compile)
 
@@ -226,10 +236,24 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
         rng = all_gather_state(ckpt.capture_rng_state(generators), context)
         if context.is_main:
             extra = {"rng_per_rank": rng, f"best_{task.best_metric}": best,
-                     "config": config.to_dict()}
-            ckpt.save_training_checkpoint(ckpt.checkpoint_dir(run_dir) / ckpt.LAST,
-                                          checkpoint(), ckpt.training_state(at_step, stateful,
-                                                                            extra=extra))
+                     "config": config.to_dict(), "health": dict(health)}
+            folder = ckpt.checkpoint_dir(run_dir)
+            ckpt.save_training_checkpoint(folder / ckpt.LAST, checkpoint(),
+                                          ckpt.training_state(at_step, stateful, extra=extra))
+            first = health["first_losses"]
+            reason = ckpt.divergence(model, optimizer, initial_norm=health["initial_norm"],
+                                     losses=losses_since_save,
+                                     reference_loss=sorted(first)[len(first) // 2]
+                                     if first else None)
+            if reason is None:
+                ckpt.keep_healthy(folder / ckpt.LAST, folder / ckpt.HEALTHY)
+            else:
+                if not logger.said("diverging"):
+                    logger.message(f"step {at_step}: the run is diverging ({reason}); "
+                                   f"{folder / ckpt.HEALTHY} keeps the last healthy "
+                                   f"checkpoint")
+                logger.record(at_step, "diverging", {"reason": reason})
+        losses_since_save.clear()
         barrier(context)
 
     def keep_best(validation: Validation, at_step: int) -> None:
@@ -269,6 +293,9 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
                                        scaler=scaler, clip_grad_norm=optim.clip_grad_norm)
                 values = task.step_values(outputs, batch, step)
                 step += 1
+                losses_since_save.append(value)
+                if len(health["first_losses"]) < 10:
+                    health["first_losses"].append(value)
                 threads.update()
                 if fitting and step == _FIT_FROM:
                     fit_clock = time.perf_counter()  # the first steps (compilation) not timed
@@ -307,8 +334,9 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
                     break
             save_last(step)
         except NonFiniteLossError as error:
-            logger.record(error.step, "error", {"message": str(error)})
-            raise
+            stop = _divergence_stop(error, ckpt.checkpoint_dir(run_dir), context)
+            logger.record(error.step, "error", {"message": str(stop)})
+            raise stop from None
 
         # The end: the final validation, the best checkpoint, the task's files.
         final = task.validate(model, step, final=True, logger=logger)
@@ -323,10 +351,27 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
     return RunResult(run_dir, step, seconds, final, best, model, context.rank)
 
 
+def _divergence_stop(error: NonFiniteLossError, folder: Path,
+                     context: DistContext) -> NonFiniteLossError:
+    """``error`` naming the checkpoint to resume from: the last healthy one, if any."""
+    healthy, last = folder / ckpt.HEALTHY, folder / ckpt.LAST
+    if not healthy.is_file():
+        note = (f"{last} holds weights that had already diverged." if last.is_file() else "")
+        return NonFiniteLossError(error.step, error.value, note=note)
+    healthy_step = int(ckpt.load_training_checkpoint(healthy)["training"]["step"])
+    note = ""
+    if last.is_file() and not os.path.samefile(last, healthy):
+        note = (f"{last} (a later step) is kept, but its weights had already diverged: do "
+                f"not resume from it.")
+    return NonFiniteLossError(error.step, error.value, resume_from=str(healthy),
+                              resume_step=healthy_step, note=note)
+
+
 def _resume(path: Path, task: Task, model: nn.Module, stateful: Mapping[str, Any],
             generators: Mapping[str, torch.Generator], context: DistContext,
-            best: float) -> Tuple[int, float]:
-    """Restore a run from ``path``: the step to continue from and the best score so far."""
+            best: float) -> Tuple[int, float, Dict[str, Any]]:
+    """Restore a run from ``path``: the step to continue from, the best score so far and
+    what divergence is measured against (older checkpoints: nothing)."""
     saved = ckpt.load_training_checkpoint(path, map_location=context.device)
     wanted = task.config.model.to_dict()
     if saved.get("architecture") != wanted:
@@ -343,7 +388,9 @@ def _resume(path: Path, task: Task, model: nn.Module, stateful: Mapping[str, Any
                 f"{path} was written by {len(per_rank)} rank(s); resume it with as many "
                 f"(now {context.world_size}) so that every random stream continues")
         ckpt.restore_rng_state(per_rank[context.rank], generators)
-    return step, float(extra.get(f"best_{task.best_metric}", best))
+    health = extra.get("health") or {}
+    return step, float(extra.get(f"best_{task.best_metric}", best)), {
+        k: health[k] for k in ("initial_norm", "first_losses") if k in health}
 
 
 #: Steps timed before a run is fitted to its time limit, and the untimed steps before

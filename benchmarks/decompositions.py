@@ -41,7 +41,7 @@ from compress_pretrained import load_crepe, machine_description  # noqa: E402
 from tt_conv.budget import layer_budget_rank  # noqa: E402
 from tt_conv.decompose import relative_error  # noqa: E402
 from tt_conv.profile import conv_modules  # noqa: E402
-from tt_conv.report import write_text_atomic  # noqa: E402
+from tt_conv.files import write_text_atomic  # noqa: E402
 
 FACTORIZATIONS = ("cp", "tucker", "tt")
 GOAL_SECONDS = 60.0

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tt_conv  # noqa: E402
 from compress_pretrained import machine_description  # noqa: E402
-from tt_conv.report import write_text_atomic  # noqa: E402
+from tt_conv.files import write_text_atomic  # noqa: E402
 
 FACTORIZATIONS = ("cp", "tucker", "tt")
 CHOICES = (*FACTORIZATIONS, "auto")

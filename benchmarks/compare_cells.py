@@ -63,7 +63,7 @@ MODELS = (("convlstm", "convlstm", CELL_NAMES["convlstm"]),
 SCALES = {
     "cpu": dict(model=dict(hidden_channels=(16,), layers_per_block=2, kernel_size=5, order=3,
                            steps=3, rank=4, patch_size=4, skip_stride=0),
-                batch_size=8, steps=2000, val_every=250),
+                batch_size=8, steps=1400, val_every=200),
     "gpu": dict(model=dict(hidden_channels=(32, 48, 48, 32), layers_per_block=3,
                            kernel_size=5, order=3, steps=3, rank=8, patch_size=1,
                            skip_stride=2),

@@ -345,7 +345,8 @@ def test_cli_end_to_end_writes_the_run_files(tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["cell"] == "convlstm" and config["run"]["steps"] == 2
-    assert "black frame" in out and "below the better trivial predictor" in out
+    assert "black frame" in out and ("below the better trivial predictor" in out
+                                     or "above the better trivial predictor" in out)
     model, _ = load_checkpoint(run / "checkpoints" / "best.pt")
     assert model.config.cell == "convlstm"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -438,3 +439,16 @@ def test_the_steps_that_fit_into_a_time_limit():
     assert 99 <= _steps_within(200.0, started, 1.0, 11, 700) <= 101
     assert _steps_within(200.0, started, 0.01, 11, 700) == 700  # everything fits
     assert _steps_within(50.0, started, 1.0, 11, 700) == 11  # over time already
+
+
+@pytest.mark.parametrize("model_mse, words", [(0.03, "25.0 % below"), (0.05, "25.0 % above")])
+def test_the_improvement_line_says_below_or_above(model_mse, words):
+    from applications.conv_tt_lstm.prediction import improvement_table
+
+    def summary(mse):
+        return {"metrics": {"mse": {"mean": mse}, "ssim": {"mean": 0.5}, "psnr": {"mean": 15.0}},
+                "n_sequences": 4, "input_frames": 10, "future_frames": 10}
+
+    text = improvement_table({"model": summary(model_mse), "last_frame": summary(0.07),
+                              "black_frame": summary(0.04)})
+    assert f"The model's MSE is {words} the better trivial predictor's." in text

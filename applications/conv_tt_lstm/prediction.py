@@ -237,11 +237,12 @@ def improvement_table(summaries: Dict[str, Dict[str, object]]) -> str:
         lines.append(f"| {labels[name]} | {1e3 * mse[name]:.2f} | {m['ssim']['mean']:.4f} | "
                      f"{m['psnr']['mean']:.2f} |")
     first = summaries["model"]
+    gain = 100 * (1 - mse["model"] / better)
+    side = "below" if gain >= 0 else "above"  # an untrained model can be worse than both
     lines.append("")
     lines.append(f"{first['n_sequences']} validation sequences, {first['input_frames']} -> "
                  f"{first['future_frames']}; MSE per pixel on [0, 1]. The model's MSE is "
-                 f"{100 * (1 - mse['model'] / better):.1f} % below the better trivial "
-                 f"predictor's.")
+                 f"{abs(gain):.1f} % {side} the better trivial predictor's.")
     return "\n".join(lines)
 
 

@@ -51,6 +51,22 @@ def last_state(run_dir):
     return load_training_checkpoint(run_dir / "checkpoints" / "last.pt")
 
 
+def train_killed_at_step(monkeypatch, config, step):
+    """Train ``config`` and "kill" it (KeyboardInterrupt) during training step ``step``."""
+    real, calls = train_module.sequence_loss, []
+
+    def killed(*args):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "sequence_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(train_module, "sequence_loss", real)
+
+
 def records(run_dir, kind):
     lines = (run_dir / "log.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
@@ -96,18 +112,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     # step 4 starts mid-epoch. The interrupted run is killed during step 5.
     common = {"val_every": 3, "checkpoint_every": 2, "steps": 6}
     whole = train(tiny_config(tmp_path, "whole", run=common))
-    real, calls = train_module.sequence_loss, []
-
-    def killed(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(train_module, "sequence_loss", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path, "part", run=common))
-    monkeypatch.setattr(train_module, "sequence_loss", real)
+    train_killed_at_step(monkeypatch, tiny_config(tmp_path, "part", run=common), 5)
     assert last_state(tmp_path / "part")["training"]["step"] == 4
     resumed = train(tiny_config(tmp_path, "part", run=dict(common, resume="auto")))
     assert resumed.step == 6
@@ -408,18 +413,7 @@ def test_fit_time_limit_shortens_run_and_schedule_and_resumes_exactly(tmp_path, 
     schedule = last_state(whole.run_dir)["training"]["states"]["schedule"]
     assert schedule["total_steps"] == 20 and schedule["linear_end"] == round(8 * 20 / 40)
 
-    real, calls = train_module.sequence_loss, []
-
-    def killed(*args):
-        calls.append(1)
-        if len(calls) == 18:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(train_module, "sequence_loss", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path, "part", run=common))
-    monkeypatch.setattr(train_module, "sequence_loss", real)
+    train_killed_at_step(monkeypatch, tiny_config(tmp_path, "part", run=common), 18)
     monkeypatch.setattr(skeleton, "_steps_within", lambda *args: 1 / 0)  # never asked again
     resumed = train(tiny_config(tmp_path, "part", run=dict(common, resume="auto")))
     assert resumed.step == 20

@@ -170,6 +170,35 @@ def test_sixteen_bit_png_frames_are_read_exactly(tmp_path, checkpoint):
     assert float(read_input_frames(folder)[0, 5].min()) == 1.0
 
 
+def _write_16_bit_rgb_png(path, rgb):
+    """A 16-bit RGB PNG (Pillow cannot write one), encoded by PyAV's PNG encoder."""
+    import av
+
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = rgb.shape[1], rgb.shape[0], "rgb48be"
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb48le").reformat(format="rgb48be")
+    path.write_bytes(b"".join(bytes(p) for p in codec.encode(frame) + codec.encode(None)))
+
+
+def test_sixteen_bit_rgb_png_frames_are_read_exactly(tmp_path, checkpoint):
+    """Pillow reads 16-bit RGB PNGs as 8-bit RGB, silently: they are decoded exactly."""
+    path, model = checkpoint
+    levels = np.random.default_rng(4).integers(0, 65536, (3, 8, 8, 3)).astype(np.uint16)
+    folder = tmp_path / "deep-rgb"
+    folder.mkdir()
+    for t, frame in enumerate(levels):
+        _write_16_bit_rgb_png(folder / f"frame_{t}.png", frame)
+    frames = read_input_frames(folder)
+    assert frames.shape == (1, 3, 3, 8, 8)
+    np.testing.assert_array_equal(
+        np.rint(frames[0].transpose(0, 2, 3, 1) * 65535).astype(np.uint16), levels)
+    # An 8-bit gray frame among them: repeated into RGB and scaled exactly (255 -> 65535).
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(folder / "frame_3.png")
+    assert float(read_input_frames(folder)[0, 3].min()) == 1.0
+    out = tmp_path / "out"
+    assert predict([path, folder, "--future-frames", 2, "--out", out]) == 0
+
+
 @pytest.mark.parametrize("suffix, codec", [(".mp4", "libx264"), (".avi", "mpeg4"),
                                            (".webm", "libvpx-vp9"), (".mkv", "mpeg4")])
 def test_predict_on_a_video_file(tmp_path, checkpoint, suffix, codec):

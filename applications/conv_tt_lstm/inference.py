@@ -166,6 +166,20 @@ def read_image_folder(folder: PathLike) -> np.ndarray:
             f"{folder}: frames differ in size ({', '.join(f'{w}x{h}' for w, h in sorted(sizes))}); "
             "every frame of a sequence must be the same size"
         )
+    deep_color = [_is_deep_color_png(file) for file in files]
+    if any(deep_color):
+        # 16-bit RGB(A) PNGs: Pillow reads them as 8-bit RGB (dropping the low byte with no
+        # warning), so they are decoded by PyAV, every level kept; the other frames are
+        # scaled exactly to 16 bits (v * 257) and gray ones repeated into RGB.
+        frames = []
+        for file, image, deep in zip(files, images, deep_color):
+            if deep:
+                frames.append(_read_deep_color_png(file))
+            elif image.mode in _DEEP_GRAY:
+                frames.append(np.repeat(np.asarray(image).astype(np.uint16)[..., None], 3, -1))
+            else:
+                frames.append(np.asarray(image.convert("RGB")).astype(np.uint16) * 257)
+        return np.stack(frames)
     gray = all(image.mode in ("L", "1") + _DEEP_GRAY for image in images)
     if gray and any(image.mode in _DEEP_GRAY for image in images):
         # 16-bit gray: kept exactly (Pillow's "L" conversion would clip it to 0 / 255);
@@ -182,6 +196,26 @@ def read_image_folder(folder: PathLike) -> np.ndarray:
                 frames.append(np.asarray(image.convert("L")).astype(np.uint16) * 257)
         return np.stack(frames)
     return np.stack([np.asarray(image.convert("L" if gray else "RGB")) for image in images])
+
+
+def _is_deep_color_png(file: Path) -> bool:
+    """Whether ``file`` is a PNG of 16-bit RGB or RGBA samples (its IHDR chunk says so)."""
+    with open(file, "rb") as handle:
+        header = handle.read(26)
+    return (len(header) == 26 and header[:8] == b"\x89PNG\r\n\x1a\n"
+            and header[12:16] == b"IHDR" and header[24] == 16 and header[25] in (2, 6))
+
+
+def _read_deep_color_png(file: Path) -> np.ndarray:
+    """A 16-bit RGB(A) PNG as ``[H, W, 3]`` uint16, decoded by PyAV (alpha dropped)."""
+    import av
+
+    try:
+        with av.open(str(file)) as container:
+            frame = next(container.decode(video=0))
+    except (av.error.FFmpegError, StopIteration) as error:
+        raise InputFramesError(f"{file}: unreadable 16-bit PNG ({error})") from None
+    return frame.to_ndarray(format="rgb48le")
 
 
 def _guess_layout(array: np.ndarray, path: Path) -> str:

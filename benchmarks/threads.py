@@ -126,15 +126,14 @@ def main(argv=None) -> int:
 
         precision = fast_precision("cpu")
     step = _step_function(config, precision)
+    import torch
+
     # The adaptive policy is made once, on the idle machine, and kept for the busy rows.
-    adaptive = ThreadPolicy(0, recheck_seconds=args.recheck)
-    policies = [("adaptive", adaptive)]
-    policies = [(str(n), ThreadPolicy(n)) for n in args.threads] + policies
+    policies = [(str(n), ThreadPolicy(n)) for n in args.threads]
+    policies.append(("adaptive", ThreadPolicy(0, recheck_seconds=args.recheck)))
 
     def measure_all(load: str) -> None:
         for name, policy in policies:
-            import torch
-
             torch.set_num_threads(policy.threads)
             seconds, used = _measure(step, policy, args.steps, args.warmup)
             rows.append(dict(threads=name, used=used, load=load, seconds=seconds))
@@ -155,7 +154,8 @@ def main(argv=None) -> int:
     lines = [f"`train --preset {args.preset}` model, {precision}, one training step "
              f"(batch {config.data.batch_size}), median of {args.steps}; "
              f"{os.cpu_count()} cores",
-             "", "| threads | used in the timed steps | machine | s / step | vs idle, same policy | vs best idle |",
+             "", "| threads | used in the timed steps | machine | s / step "
+             "| vs idle, same policy | vs best idle |",
              "|---|---|---|---|---|---|"]
     best = min(idle.values())
     for r in rows:

@@ -34,8 +34,8 @@ from .rank import (
     group_dims,
     n_factor_parameters,
     ranks_from_spectra,
+    ranks_within,
     resolve_rank,
-    search_ranks,
     tail_rank,
     unfolding_spectra,
 )
@@ -139,15 +139,11 @@ def layer_budget_rank(
     def cost(ranks):
         return factorized_flops(conv, factorization, ranks, input_shape)
 
-    ranks = search_ranks(factorization, dims, cost, budget)
-    if ranks is None:
-        smallest = cost(resolve_rank(factorization, dims, 1))
-        raise ValueError(
-            f"a FLOP budget of {fraction:g} x {budget / fraction:.4g} = {budget:.4g} is below what "
-            f"rank 1 needs ({smallest} FLOPs for a {factorization} factorization of a kernel of "
-            f"shape {tuple(kernel.shape)} on input {tuple(input_shape)})"
-        )
-    return ranks
+    return ranks_within(
+        factorization, dims, cost, budget,
+        budget_text=f"FLOP budget of {fraction:g} x {budget / fraction:.4g} = {budget:.4g}",
+        unit="FLOPs",
+        subject=f"a kernel of shape {tuple(kernel.shape)} on input {tuple(input_shape)}")
 
 
 # --------------------------------------------------------------------------- global budgets

@@ -199,15 +199,9 @@ def budget_rank(factorization: str, dims: Sequence[int], budget: float) -> Tuple
     def cost(ranks):
         return n_factor_parameters(factorization, dims, ranks)
 
-    ranks = search_ranks(factorization, dims, cost, budget)
-    if ranks is None:
-        smallest = cost(resolve_rank(factorization, dims, 1))
-        raise ValueError(
-            f"a budget of {budget:.0f} parameters per group is below what rank 1 needs "
-            f"({smallest} parameters for a {factorization} factorization of a kernel "
-            f"of shape {dims})"
-        )
-    return ranks
+    return ranks_within(factorization, dims, cost, budget,
+                        budget_text=f"budget of {budget:.0f} parameters per group",
+                        unit="parameters", subject=f"a kernel of shape {dims}")
 
 
 # =========================================================================== data-driven ranks
@@ -716,6 +710,21 @@ def evbmf_rank(
 
 
 # --------------------------------------------------------------------------- layer budgets
+
+
+def ranks_within(factorization: str, dims: Tuple[int, ...], cost, budget: float, *,
+                 budget_text: str, unit: str, subject: str):
+    """:func:`search_ranks`, raising where even rank 1 costs more than ``budget``.
+
+    The message reads "a {budget_text} is below what rank 1 needs ({cost} {unit} for a
+    {factorization} factorization of {subject})".
+    """
+    ranks = search_ranks(factorization, dims, cost, budget)
+    if ranks is None:
+        smallest = cost(resolve_rank(factorization, dims, 1))
+        raise ValueError(f"a {budget_text} is below what rank 1 needs ({smallest} {unit} for "
+                         f"a {factorization} factorization of {subject})")
+    return ranks
 
 
 def search_ranks(factorization: str, dims: Tuple[int, ...], cost, budget: float):

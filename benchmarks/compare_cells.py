@@ -20,15 +20,20 @@ are kept in ``scores.json`` beside them and not redone).
     python benchmarks/compare_cells.py --smoke --runs-dir /tmp/smoke   # a check that it runs
 
 ``--markdown`` writes the tables; ``--figures DIR`` the learning curves and per-frame
-curves. Run it on an otherwise idle machine.
+curves. Run it on an otherwise idle machine. ``--jobs 2`` trains two runs at a time, each
+on its share of the cores: the models are small, so on two cores two one-thread runs get
+more done than one two-thread run (the ``s / step`` column is then per one-thread run).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -88,12 +93,21 @@ def _arguments(argv=None):
                         help="validation sequences of each learning-curve point")
     parser.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (default: the cores left free, or "
+                             "the cores divided by --jobs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at the same time, in separate processes")
     parser.add_argument("--runs-dir", default="runs/compare-cells")
     parser.add_argument("--markdown", help="write the tables here")
     parser.add_argument("--figures", help="write the figures into this folder")
     args = parser.parse_args(argv)
     if args.seeds < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--seeds and --steps must be >= 1")
+    if args.jobs < 1 or args.threads < 0:
+        parser.error("--jobs must be >= 1 and --threads >= 0")
+    if args.jobs > 1 and args.threads == 0:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     return args
 
 
@@ -111,7 +125,8 @@ def base_config(args):
                               checkpoint_every=max(1, min(250, steps // 4)), log_every=10,
                               image_every=0, progress=False, final_outputs=False,
                               time_limit=0.0, precision=args.precision, device=args.device,
-                              runs_dir=args.runs_dir, resume="auto")
+                              threads=getattr(args, "threads", 0), runs_dir=args.runs_dir,
+                              resume="auto")
     return dataclasses.replace(config, model=model, data=data, schedule=schedule, run=run)
 
 
@@ -156,39 +171,68 @@ def _score(checkpoint: Path, config, sequences: int) -> Dict[str, object]:
                     precision=precision.name)
 
 
+def _fingerprint(config) -> Dict[str, object]:
+    """What makes two runs the same experiment (the thread count does not)."""
+    wanted = config.to_dict()
+    wanted["run"] = {k: v for k, v in wanted["run"].items() if k != "threads"}
+    return wanted
+
+
+def train_and_score(key: str, run_config, sequences: int) -> Dict[str, object]:
+    """Train (or finish training) one run and score its last checkpoint: its record."""
+    result = train(run_config)
+    log = [json.loads(line) for line in
+           (result.run_dir / "log.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["mse"]) for r in log if r["kind"] == "val"]
+    seconds = [r["seconds_per_step"] for r in log if r["kind"] == "train" and r["step"] > 1]
+    summary = _score(result.run_dir / "checkpoints" / "last.pt", run_config, sequences)
+    return {"model": key, "seed": run_config.run.seed, "config": _fingerprint(run_config),
+            "parameters": _parameters(run_config.model), "curve": curve,
+            "seconds_per_step": statistics.median(seconds) if seconds else None,
+            "summary": summary}
+
+
 def run_all(args) -> List[Dict[str, object]]:
-    """Train and score every model and seed not done yet; return every run's record."""
+    """Train and score every model and seed not done yet; return every run's record.
+
+    Only this process writes ``scores.json``, after each finished run, so ``--jobs``
+    workers never race on it.
+    """
     config = base_config(args)
     configs = model_configs(config)
     runs_dir = Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     scores_path = runs_dir / "scores.json"
     scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    pending = []
     for key in args.models:
         for seed in range(args.seeds):
             name = f"{key}-seed{seed}"
-            wanted = dict(config.to_dict(), model=configs[key].to_dict())
-            wanted["run"] = dict(wanted["run"], name=name, seed=seed)
-            if name in scores and scores[name]["config"] == wanted:
-                continue
             run_config = dataclasses.replace(
                 config, model=configs[key],
                 run=dataclasses.replace(config.run, name=name, seed=seed))
+            if name in scores and scores[name]["config"] == _fingerprint(run_config):
+                continue
             print(f"{name}: {_parameters(configs[key]):,} parameters, "
                   f"{config.run.steps} steps", flush=True)
-            result = train(run_config)
-            log = [json.loads(line) for line in
-                   (result.run_dir / "log.jsonl").read_text().splitlines()]
-            curve = [(r["step"], r["mse"]) for r in log if r["kind"] == "val"]
-            seconds = [r["seconds_per_step"] for r in log
-                       if r["kind"] == "train" and r["step"] > 1]
-            summary = _score(result.run_dir / "checkpoints" / "last.pt", run_config,
-                             args.sequences)
-            scores[name] = {"model": key, "seed": seed, "config": wanted,
-                            "parameters": _parameters(configs[key]), "curve": curve,
-                            "seconds_per_step": statistics.median(seconds) if seconds else None,
-                            "summary": summary}
-            write_json_atomic(scores_path, scores)
+            pending.append((name, key, run_config))
+
+    def finished(name, record):
+        scores[name] = record
+        write_json_atomic(scores_path, scores)
+
+    if args.jobs == 1:
+        for name, key, run_config in pending:
+            finished(name, train_and_score(key, run_config, args.sequences))
+    else:
+        # Spawned workers: each a fresh interpreter with its own torch thread count.
+        with concurrent.futures.ProcessPoolExecutor(
+                args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(train_and_score, key, run_config, args.sequences): name
+                       for name, key, run_config in pending}
+            for future in concurrent.futures.as_completed(futures):
+                finished(futures[future], future.result())
+                print(f"{futures[future]}: done", flush=True)
     return [scores[f"{key}-seed{seed}"] for key in args.models for seed in range(args.seeds)]
 
 

@@ -87,3 +87,17 @@ def test_the_matched_convlstm_has_about_conv_tt_lstms_parameters():
     matched = compare_cells._parameters(configs["convlstm-matched"])
     assert abs(matched - tt) / tt < 0.15
     assert compare_cells._parameters(configs["convlstm"]) > matched
+
+
+def test_parallel_jobs_give_the_runs_one_process_gives(tmp_path):
+    # --jobs 2 trains in spawned workers; with the same fixed thread count each run is the
+    # same computation as in one process, and only the parent writes scores.json.
+    common = ["--smoke", "--seeds", "1", "--sequences", "4", "--curve-sequences", "4",
+              "--precision", "fp32", "--threads", "1", "--models", "convlstm", "convttlstm"]
+    assert compare_cells.main(common + ["--runs-dir", str(tmp_path / "one")]) == 0
+    assert compare_cells.main(common + ["--runs-dir", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "scores.json").read_text()) for d in ("one", "two"))
+    assert sorted(two) == ["convlstm-seed0", "convttlstm-seed0"]
+    for name in one:
+        assert two[name]["summary"] == one[name]["summary"]
+        assert two[name]["curve"] == one[name]["curve"]

@@ -226,8 +226,15 @@ def test_evaluate_command_errors(tmp_path, capsys):
         (["evaluate", checkpoint, "--precision", "fp16", "--device", "cpu"], "needs a CUDA device"),
         (["evaluate", checkpoint, "--dataset", "kth"], "KTH needs data_root"),
         (["evaluate", checkpoint, "--data-root", str(tmp_path / "nowhere")], "--data-root"),
-        (["evaluate", checkpoint, "--image-size", "30", "--sequences", "1"], "not divisible by the model's patch_size 4"),
+        (["evaluate", checkpoint, "--image-size", "30", "--sequences", "1"],
+         "not divisible by the model's patch_size 4; choose an --image-size divisible by it"),
     ]
+    # Prepared frames have their own size: --image-size would not help, so it is not hinted.
+    from applications.conv_tt_lstm.data.sequence_files import write_sequences_npz
+    write_sequences_npz(tmp_path / "odd.npz", np.zeros((2, 7, 30, 30, 1), np.uint8))
+    cases.append((["evaluate", checkpoint, "--data-root", str(tmp_path / "odd.npz"),
+                   "--input-frames", "3", "--future-frames", "4"],
+                  "not divisible by the model's patch_size 4; prepare the frames at a size"))
     for argv, message in cases:
         assert cli.main(argv) == 2, argv
         assert message in capsys.readouterr().err

@@ -100,7 +100,8 @@ def test_prepared_data_errors_name_the_path_and_the_option(prepared_mnist, tmp_p
     long = DatasetSpec(data_root=prepared_mnist, input_frames=10, future_frames=30)
     with pytest.raises(DatasetFileError, match=r"12 frames.*10 \+ 30 = 40.*--future-frames"):
         build_video_dataset(long, "test")
-    with pytest.raises(DatasetFileError, match=r"64 x 64.*--image-size\) is 32"):
+    with pytest.raises(DatasetFileError, match=r"64 x 64, but the frame size asked for is 32 "
+                       r"\(train: data.frame_size, evaluate: --image-size\).*ask for 64"):
         build_video_dataset(DatasetSpec(data_root=prepared_mnist, image_size=32, future_frames=2), "test")
 
 
@@ -154,7 +155,7 @@ def test_kth_splits_protocols_and_errors(tmp_path):
         build_video_dataset(spec.replace(data_root=None), "test")
     with pytest.raises(ValueError, match="no window of 40 frames"):
         build_video_dataset(spec.replace(future_frames=30), "test")
-    with pytest.raises(DatasetFileError, match=r"16 x 16, but image_size"):
+    with pytest.raises(DatasetFileError, match=r"16 x 16, but the frame size asked for"):
         build_video_dataset(spec.replace(image_size=128), "test")
     with pytest.raises(FileNotFoundError, match="prepare kth"):
         build_video_dataset(spec.replace(data_root=tmp_path / "none"), "test")

@@ -247,3 +247,50 @@ def test_predict_on_a_sixteen_bit_video_keeps_every_level(tmp_path, checkpoint):
     assert predict([path, video, "--future-frames", 1, "--out", tmp_path / "o"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "o" / "predictions.npy"),
                                expected(model, frames, 1), atol=1e-6)
+
+
+def test_a_file_of_another_suffix_is_read_by_its_content(tmp_path, checkpoint, capsys):
+    """An array is an array and a video a video whatever the name; anything else says so."""
+    from _video_files import level_frames, write_video
+
+    video = write_video(tmp_path / "clip.mp4", level_frames([30, 90, 150, 210], 16, 16),
+                        codec="libx264")
+    as_mp4 = read_input_frames(video, video_color="gray")
+    for name in ("clip.data", "clip"):
+        (tmp_path / name).write_bytes(video.read_bytes())
+        np.testing.assert_array_equal(read_input_frames(tmp_path / name, video_color="gray"),
+                                      as_mp4)
+    array = frames_uint8((2, 3, 16, 16))
+    with open(tmp_path / "frames.bin", "wb") as handle:
+        np.save(handle, array)
+    np.testing.assert_array_equal(read_input_frames(tmp_path / "frames.bin"),
+                                  array[:, :, None] / np.float32(255))
+    (tmp_path / "junk.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    path, _ = checkpoint
+    assert predict([path, tmp_path / "junk.bin", "--future-frames", 1,
+                    "--out", tmp_path / "o"]) == 2
+    err = capsys.readouterr().err
+    assert "junk.bin: neither an .npy / .npz array nor a video FFmpeg can decode" in err
+    assert "allow_pickle" not in err
+
+
+def test_frames_are_resized_to_the_checkpoints_training_size(tmp_path, capsys):
+    """A checkpoint that records its training frames (ours do) gets frames of that size."""
+    torch.manual_seed(0)
+    model = VideoPredictionNetwork(ArchitectureConfig(**TINY)).eval()
+    save_checkpoint(tmp_path / "trained.pt", model, frame_shape=[1, 16, 16])
+    np.save(tmp_path / "big.npy", frames_uint8((1, 3, 24, 32)))
+    assert predict([tmp_path / "trained.pt", tmp_path / "big.npy", "--future-frames", 2,
+                    "--out", tmp_path / "auto"]) == 0
+    assert "note: resized the 24 x 32 frames to 16 x 16, the checkpoint's training frames" in \
+        capsys.readouterr().out
+    assert predict([tmp_path / "trained.pt", tmp_path / "big.npy", "--future-frames", 2,
+                    "--out", tmp_path / "given", "--size", 16, 16]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "auto" / "predictions.npy"),
+                                  np.load(tmp_path / "given" / "predictions.npy"))
+    assert json.loads((tmp_path / "auto" / "predict.json").read_text())["notes"]
+    # --size still chooses (8 x 8 fits patch size 4), and no note is made.
+    assert predict([tmp_path / "trained.pt", tmp_path / "big.npy", "--future-frames", 1,
+                    "--out", tmp_path / "small", "--size", 8, 8]) == 0
+    assert np.load(tmp_path / "small" / "predictions.npy").shape == (1, 1, 1, 8, 8)
+    assert "note:" not in capsys.readouterr().out

@@ -310,6 +310,17 @@ def test_kth_trains_two_steps_on_a_tiny_prepared_tree(tmp_path):
     config = tiny_config(tmp_path, data={"dataset": "kth", "root": str(out), "frame_size": None})
     result = train(config)
     assert result.step == 2
+    # Every checkpoint records the training frames, so predict on a raw 24 x 32 clip resizes it.
+    for name in ("last.pt", "best.pt"):
+        saved = torch.load(result.run_dir / "checkpoints" / name, weights_only=True)
+        assert saved["frame_shape"] == [1, 16, 16], name
+    status, printed, err = run_cli(
+        ["predict", str(result.run_dir / "checkpoints" / "best.pt"),
+         str(raw / "boxing" / "person01_boxing_d1_uncomp.avi"), "--future-frames", "2",
+         "--out", str(tmp_path / "predicted"), "--no-progress", "--no-frame-pngs"])
+    assert status == 0, err
+    assert "resized the 24 x 32 frames to 16 x 16" in printed
+    assert np.load(tmp_path / "predicted" / "predictions.npy").shape == (1, 2, 1, 16, 16)
     assert result.summaries["model"]["split"] == "test"  # no held-out persons: test persons
     status, out_text, err = run_cli(
         ["train", "--dataset", "kth", "--data-root", str(out), "--runs-dir", str(tmp_path),

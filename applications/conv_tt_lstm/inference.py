@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -34,7 +34,7 @@ from .checkpoint import (
     read_file,
 )
 from .data.sequence_files import NPZ_KEY
-from .data.video import VIDEO_SUFFIXES, read_video, write_video
+from .data.video import VIDEO_SUFFIXES, VideoDecodeError, read_video, write_video
 from .files import atomic_path, write_json_atomic
 from .model import ArchitectureConfig, VideoPredictionNetwork
 from .nvlabs import load_nvlabs_checkpoint
@@ -254,6 +254,17 @@ def _to_ntchw(array: np.ndarray, layout: str, path: Path) -> np.ndarray:
     return np.transpose(array, [axes[name] for name in "NTCHW"])
 
 
+#: The first bytes of an .npy file (NumPy's format magic).
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _is_array_file(path: Path) -> bool:
+    """Whether ``path`` holds an .npy or .npz by its content, whatever its suffix."""
+    with open(path, "rb") as handle:
+        start = handle.read(len(_NPY_MAGIC))
+    return start == _NPY_MAGIC or zipfile.is_zipfile(path)
+
+
 def _read_array(path: Path) -> Tuple[np.ndarray, Optional[str]]:
     """The array of an .npy, or of an .npz (the release's ``data`` key, or its only array)."""
 
@@ -283,8 +294,10 @@ def read_input_frames(path: PathLike, layout: str = "auto", *,
     Parameters
     ----------
     path : str or os.PathLike
-        An ``.npy`` / ``.npz`` file, or a folder of frame images (one sequence, frames in
-        natural name order: ``frame_2`` before ``frame_10``). Arrays are uint8 (0-255) or
+        An ``.npy`` / ``.npz`` file, a video file, or a folder of frame images (one
+        sequence, frames in natural name order: ``frame_2`` before ``frame_10``). A file
+        with another suffix is read as an array when its content is one (NumPy's magic, a
+        zip), else decoded as a video. Arrays are uint8 (0-255) or
         float in ``[0, 1]``; an npz holds the release's ``data`` array (``(N, T, H, W,
         C)``) or a single array.
     layout : str
@@ -311,6 +324,16 @@ def read_input_frames(path: PathLike, layout: str = "auto", *,
     elif path.suffix.lower() in VIDEO_SUFFIXES:
         # Decoded by PyAV (gray from the luma plane, every level of a deep video kept).
         array = read_video(path, color=video_color, deep=True)
+        layout = "THW" if array.ndim == 3 else "THWC"
+    elif path.suffix.lower() not in (".npy", ".npz") and not _is_array_file(path):
+        # Another suffix, not an array by its content: a video FFmpeg may know.
+        try:
+            array = read_video(path, color=video_color, deep=True)
+        except VideoDecodeError as error:
+            raise InputFramesError(
+                f"{path}: neither an .npy / .npz array nor a video FFmpeg can decode "
+                f"({error.reason}); give an .npy / .npz file, a folder of PNG / JPEG frames "
+                "or a video file") from None
         layout = "THW" if array.ndim == 3 else "THWC"
     else:
         array, file_layout = _read_array(path)
@@ -415,6 +438,7 @@ class PredictionFiles:
     future_frames: int
     frame_shape: Tuple[int, int, int]
     written: List[Path]
+    notes: List[str] = field(default_factory=list)
 
 
 def predict_file(checkpoint: PathLike, source: PathLike, future_frames: int, out: PathLike, *,
@@ -426,8 +450,9 @@ def predict_file(checkpoint: PathLike, source: PathLike, future_frames: int, out
     """A checkpoint's predictions of the ``future_frames`` after the frames of ``source``.
 
     Frames are read (:func:`read_input_frames`), fitted to the model (:func:`fit_frames`:
-    channels, ``size``), and the first ``input_frames`` (default: all) are given to the
-    model; the following ones, when they cover the whole horizon, are drawn as the truth.
+    channels, ``size``; without ``size``, frames of another size than the checkpoint's
+    training frames, when it records them, are resized to that size, with a note), and the
+    first ``input_frames`` (default: all) are given to the model; the following ones, when they cover the whole horizon, are drawn as the truth.
     Writes to ``out``: ``predictions.npy`` (float32 ``[N, future, C, H, W]`` in ``[0, 1]``),
     ``frames/seq{n}/frame_{t}.png`` (``t`` counting from the first input frame),
     ``predictions.gif``, ``predictions.png`` and ``predict.json``.
@@ -442,8 +467,15 @@ def predict_file(checkpoint: PathLike, source: PathLike, future_frames: int, out
     model, info = load_model(checkpoint, device=device,
                              output_sigmoid=True if release_output_sigmoid else None)
     color = "gray" if model.config.image_channels == 1 else "rgb"
-    frames = fit_frames(read_input_frames(source, layout, video_color=color), model.config,
-                        None if size is None else tuple(size))
+    frames = read_input_frames(source, layout, video_color=color)
+    notes = []
+    trained = info.get("frame_shape")  # (C, H, W) of the training frames, when recorded
+    if size is None and trained is not None and tuple(frames.shape[3:]) != tuple(trained[1:]):
+        size = tuple(trained[1:])
+        notes.append(f"resized the {frames.shape[3]} x {frames.shape[4]} frames to "
+                     f"{size[0]} x {size[1]}, the checkpoint's training frames (--size "
+                     "chooses another size)")
+    frames = fit_frames(frames, model.config, None if size is None else tuple(size))
     given = frames.shape[1]
     k = given if input_frames is None else input_frames
     if k > given:
@@ -462,11 +494,12 @@ def predict_file(checkpoint: PathLike, source: PathLike, future_frames: int, out
         "checkpoint": str(checkpoint), "checkpoint_layout": info["layout"],
         "architecture": info["architecture"], "input": str(source),
         "sequences": int(inputs.shape[0]), "input_frames": k, "future_frames": future_frames,
-        "frame_shape": list(inputs.shape[2:]), "precision": precision, "device": str(device),
+        "frame_shape": list(inputs.shape[2:]), "notes": notes,
+        "precision": precision, "device": str(device),
         "predictions": "predictions.npy: float32 [N, future_frames, C, H, W] in [0, 1]",
     }))
     return PredictionFiles(int(inputs.shape[0]), k, future_frames, tuple(inputs.shape[2:]),
-                           written)
+                           written, notes)
 
 
 def write_npy(path: PathLike, array: np.ndarray) -> Path:

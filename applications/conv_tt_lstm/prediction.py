@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -118,8 +118,8 @@ class PredictionTask(Task):
 
     def prepare(self, first_training_set, context: DistContext) -> None:
         data, model = self.config.data, self.config.model
-        check_frame_geometry(model, tuple(sample_shape(first_training_set)[1:]),
-                             f"the {data.dataset} training set")
+        self.frame_shape = tuple(sample_shape(first_training_set)[1:])
+        check_frame_geometry(model, self.frame_shape, f"the {data.dataset} training set")
         self.context = context
         self.val_split = validation_split(data)
         val_set = build_video_dataset(self.spec, self.val_split)
@@ -129,6 +129,10 @@ class PredictionTask(Task):
                                             num_workers=data.num_workers, rank=context.rank,
                                             world_size=context.world_size)
         self.metrics = FrameMetrics.create(context.device, lpips=False)
+
+    def checkpoint_record(self) -> Dict[str, Any]:
+        # predict resizes a user's frames to this size (C, H, W) by default.
+        return {"frame_shape": [int(n) for n in self.frame_shape]}
 
     def build_model(self) -> nn.Module:
         return VideoPredictionNetwork(self.config.model,
@@ -316,8 +320,12 @@ def evaluate_checkpoint(checkpoint: PathLike, spec: DatasetSpec, split: str = "t
             raise ValueError(f"the model takes {config.image_channels} channel(s), the "
                              f"{spec.name} frames have {channels}")
         if height % config.patch_size or width % config.patch_size:
+            # --image-size sets only generated frames; prepared ones have their own size.
+            fix = ("choose an --image-size divisible by it" if spec.data_root is None
+                   else "prepare the frames at a size divisible by it (`predict --size` "
+                        "resizes a user's frames)")
             raise ValueError(f"{height} x {width} frames are not divisible by the model's "
-                             f"patch_size {config.patch_size}; choose another --image-size")
+                             f"patch_size {config.patch_size}; {fix}")
         checkpoint = Path(checkpoint)
         out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent / (
             f"eval-{spec.name}-{split}-{spec.input_frames}to{spec.future_frames}")

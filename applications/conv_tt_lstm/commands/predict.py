@@ -6,8 +6,9 @@ one sequence, gray from the luma plane for a gray model, every level of a 10/12/
 kept). Arrays may be ``(T, H, W)``, ``(N, T, H, W)``, ``(N, T, C, H, W)``, the
 release's npz (``data``: ``(N, T, H, W, C)``) or the time-first ``mnist_test_seq.npy``, uint8,
 uint16 or float in [0, 1] (``--layout`` when the axes are ambiguous). Frames are converted to the
-model's channels (RGB <-> gray) and, with ``--size``, resized; their size must be divisible
-by the model's patch size. With ``--input-frames K`` only the first K frames are given to
+model's channels (RGB <-> gray) and resized: with ``--size`` to that size, else to the
+size of the checkpoint's training frames when it records them (ours do); their size must be
+divisible by the model's patch size. With ``--input-frames K`` only the first K frames are given to
 the model and the following ones, if they cover the whole horizon, are drawn as the truth.
 
 Writes to --out: predictions.npy (float32 ``[N, future, C, H, W]`` in [0, 1]), one PNG per
@@ -47,7 +48,8 @@ def register(subparsers) -> None:
     parser.add_argument("--layout", choices=ARRAY_LAYOUTS, default="auto",
                         help="axis order of an array input (default: guessed, see above)")
     parser.add_argument("--size", type=positive, nargs=2, metavar=("H", "W"),
-                        help="resize the frames to H x W first")
+                        help="resize the frames to H x W first (default: the checkpoint's training "
+                             "frame size, when it records one)")
     parser.add_argument("--batch-size", type=positive, default=8)
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32")
@@ -74,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress)
     except input_errors() as error:
         raise CommandError(str(error)) from None
+    for note in result.notes:
+        print(f"note: {note}")
     print(f"predicted {result.future_frames} frame(s) after {result.input_frames} for "
           f"{result.sequences} sequence(s) of {result.frame_shape}")
     for path in result.written:

@@ -306,8 +306,9 @@ def _file_dataset(path: Path, spec: DatasetSpec, split: str) -> Dataset:
 def _check_size(size: Tuple[int, int], spec: DatasetSpec, where) -> None:
     if spec.image_size is not None and tuple(size) != (spec.image_size, spec.image_size):
         raise DatasetFileError(
-            f"{where}: frames are {size[0]} x {size[1]}, but image_size (--image-size) is "
-            f"{spec.image_size}; prepare the data at that size or change image_size"
+            f"{where}: frames are {size[0]} x {size[1]}, but the frame size asked for is "
+            f"{spec.image_size} (train: data.frame_size, evaluate: --image-size); prepare "
+            f"the data at that size, or ask for {size[0]}"
         )
 
 

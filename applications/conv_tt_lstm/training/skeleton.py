@@ -127,6 +127,10 @@ class Task:
         """A fresh model (the skeleton seeds the RNG first and moves it to the device)."""
         raise NotImplementedError
 
+    def checkpoint_record(self) -> Dict[str, Any]:
+        """JSON-friendly facts every checkpoint of the run carries (after :meth:`prepare`)."""
+        return {}
+
     def build_schedule(self) -> TrainingSchedule:
         """The learning rate (and sampling ratio) by step; saved with the checkpoints."""
         raise NotImplementedError
@@ -230,7 +234,8 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
     started = time.perf_counter()
 
     def checkpoint(**extra: Any) -> Dict[str, Any]:
-        return model_checkpoint(task.checkpoint_format, config.model.to_dict(), model, **extra)
+        return model_checkpoint(task.checkpoint_format, config.model.to_dict(), model,
+                                **task.checkpoint_record(), **extra)
 
     def save_last(at_step: int) -> None:
         rng = all_gather_state(ckpt.capture_rng_state(generators), context)

@@ -5,6 +5,7 @@ import dataclasses
 import io
 import json
 import math
+import shutil
 import socket
 
 import numpy as np
@@ -235,6 +236,18 @@ def test_divergence_keeps_a_checkpoint_from_before_it_and_says_which(tmp_path, m
     assert max(float(v.abs().max()) for v in saved["state_dict"].values()) < 100
     # Lower lr, resume from the named file: the run finishes with finite, sane weights.
     monkeypatch.setattr(skeleton, "optimizer_step", real_step)
+    # --resume auto passes over the diverged last.pt too (in a copy of the run).
+    shutil.copytree(tmp_path / "run", tmp_path / "copy" / "run")
+    auto = dataclasses.replace(
+        config, run=dataclasses.replace(config.run, resume="auto",
+                                        runs_dir=str(tmp_path / "copy")),
+        optim=dataclasses.replace(config.optim, lr=1e-3))
+    with pytest.warns(UserWarning, match=r"last.pt holds diverged weights .*resuming from "
+                                         r".*healthy.pt"):
+        assert train(auto).step == 12
+    assert [r["step"] for r in records(tmp_path / "copy" / "run", "train")][:3] == [1, 2, 3]
+    assert max(float(v.abs().max()) for v in last_state(tmp_path / "copy" / "run")[
+        "state_dict"].values()) < 100
     resumed = dataclasses.replace(
         config, run=dataclasses.replace(config.run, resume=str(healthy)),
         optim=dataclasses.replace(config.optim, lr=1e-3))

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
@@ -204,13 +205,22 @@ def find_resume_checkpoint(run_dir: PathLike, resume: Optional[str]) -> Optional
     """The checkpoint ``--resume`` designates: ``None``, ``"auto"`` or a path.
 
     ``"auto"`` gives the run's ``checkpoints/last.pt`` if it exists (else ``None``: a fresh
-    start); a path must exist.
+    start), or ``checkpoints/healthy.pt``, with a warning, when ``last.pt`` was saved with
+    diverging weights; a path must exist.
     """
     if resume is None:
         return None
     if resume == "auto":
-        last = checkpoint_dir(run_dir) / LAST
-        return last if last.is_file() else None
+        last, healthy = checkpoint_dir(run_dir) / LAST, checkpoint_dir(run_dir) / HEALTHY
+        if not last.is_file():
+            return None
+        reason = load_training_checkpoint(last)["training"]["extra"].get("diverging")
+        if reason and healthy.is_file():
+            warnings.warn(f"{last} holds diverged weights ({reason}); resuming from {healthy}, "
+                          f"the last checkpoint whose loss and weights were healthy",
+                          stacklevel=2)
+            return healthy
+        return last
     path = Path(resume)
     if not path.is_file():
         raise ResumeError(f"--resume {resume}: no such checkpoint file")

@@ -24,7 +24,7 @@ class NonFiniteLossError(RuntimeError):
         if resume_from is not None:
             where = (f"Resume from the last checkpoint from before the divergence, "
                      f"{resume_from} (step {resume_step}, finite loss and weights): {remedy}, "
-                     f"then --resume {resume_from}")
+                     f"then --resume {resume_from} (--resume auto picks it too)")
         else:
             where = (f"No checkpoint from before the divergence exists: {remedy}, then start "
                      f"over with --overwrite")

@@ -240,16 +240,17 @@ def _train(task: Task, context: DistContext, overwrite: bool) -> RunResult:
     def save_last(at_step: int) -> None:
         rng = all_gather_state(ckpt.capture_rng_state(generators), context)
         if context.is_main:
-            extra = {"rng_per_rank": rng, f"best_{task.best_metric}": best,
-                     "config": config.to_dict(), "health": dict(health)}
-            folder = ckpt.checkpoint_dir(run_dir)
-            ckpt.save_training_checkpoint(folder / ckpt.LAST, checkpoint(),
-                                          ckpt.training_state(at_step, stateful, extra=extra))
             first = health["first_losses"]
             reason = ckpt.divergence(model, optimizer, initial_norm=health["initial_norm"],
                                      losses=losses_since_save,
                                      reference_loss=sorted(first)[len(first) // 2]
                                      if first else None)
+            # The verdict goes into last.pt, so --resume auto can pass over a diverged one.
+            extra = {"rng_per_rank": rng, f"best_{task.best_metric}": best,
+                     "config": config.to_dict(), "health": dict(health), "diverging": reason}
+            folder = ckpt.checkpoint_dir(run_dir)
+            ckpt.save_training_checkpoint(folder / ckpt.LAST, checkpoint(),
+                                          ckpt.training_state(at_step, stateful, extra=extra))
             if reason is None:
                 ckpt.keep_healthy(folder / ckpt.LAST, folder / ckpt.HEALTHY)
             else:

@@ -213,6 +213,53 @@ def test_a_real_full_disk_is_named_and_loses_nothing(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+APPLICATION_FULL_DISK_SCRIPT = r"""
+set -e
+mount -t tmpfs -o size=256k tmpfs "$DISK"
+"$PYTHON" - <<'EOF'
+import os
+from applications.conv_tt_lstm.cli import main
+
+with open(os.path.join(os.environ["DISK"], "filler"), "wb") as handle:  # leave about 8 kB
+    vfs = os.statvfs(os.environ["DISK"])
+    handle.write(b"\0" * (vfs.f_bavail * vfs.f_frsize - 8192))
+for name, argv in (
+        ("PREDICT", ["predict", os.environ["CKPT"], os.environ["FRAMES"], "--future-frames",
+                     "2", "--no-progress", "--out", os.environ["DISK"] + "/pred"]),
+        ("EVALUATE", ["evaluate", os.environ["CKPT"], "--image-size", "32", "--sequences", "2",
+                      "--input-frames", "3", "--future-frames", "2", "--no-progress",
+                      "--no-lpips", "--out", os.environ["DISK"] + "/eval"])):
+    print(name, main(argv), flush=True)
+EOF
+"""
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="no user namespaces to mount a small tmpfs")
+def test_predict_and_evaluate_on_a_real_full_disk_say_so(tmp_path):
+    import numpy as np
+
+    from applications.conv_tt_lstm.checkpoint import save_checkpoint
+    from applications.conv_tt_lstm.model import ArchitectureConfig, VideoPredictionNetwork
+
+    save_checkpoint(tmp_path / "tiny.pt", VideoPredictionNetwork(ArchitectureConfig(
+        hidden_channels=(4,), layers_per_block=1, kernel_size=3, order=2, steps=2, rank=2,
+        skip_stride=0, patch_size=4)))
+    np.save(tmp_path / "frames.npy", np.random.default_rng(0).integers(
+        0, 256, (1, 3, 32, 32), dtype=np.uint8))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DISK": str(disk), "PYTHON": sys.executable,
+           "CKPT": str(tmp_path / "tiny.pt"), "FRAMES": str(tmp_path / "frames.npy")}
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", APPLICATION_FULL_DISK_SCRIPT],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert "PREDICT 2" in result.stdout and "EVALUATE 2" in result.stdout, (
+        result.stdout, result.stderr)
+    assert result.stderr.count("the disk is full") == 2, result.stderr
+    assert "error: cannot write " in result.stderr and "pred/predictions.npy" in result.stderr
+    assert "eval/metrics.json was not written" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # ------------------------------------------------------------------------------ JSON lines
 
 

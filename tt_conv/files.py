@@ -37,8 +37,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Error numbers that mean "no room left": a full disk or an exhausted quota.
 _FULL_DISK = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-#: What torch's zip writer (caffe2 inline_container) says when a write stops short.
+#: What writers say when a write stops short without an error number: torch's zip writer
+#: (caffe2 inline_container, a RuntimeError) and NumPy's ``tofile`` (an OSError).
 _TORCH_SHORT_WRITE = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed")
+_NUMPY_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 class FileWriteError(OSError):
@@ -126,13 +128,15 @@ def _write_error(target: Path, failure: BaseException) -> Optional[FileWriteErro
         return FileWriteError(failure.errno, f"cannot write {target}: the disk is full "
                                              f"({os.strerror(failure.errno)}){room}{kept}. "
                                              f"Free some space and run again")
-    if isinstance(failure, RuntimeError) and _TORCH_SHORT_WRITE.search(str(failure)):
+    if (isinstance(failure, RuntimeError) and _TORCH_SHORT_WRITE.search(str(failure))) or (
+            isinstance(failure, OSError) and failure.errno is None
+            and _NUMPY_SHORT_WRITE.search(str(failure))):
         cause = str(failure).strip().splitlines()[0]
         likely = ("the disk is full" if free is not None and free < 64 * 2 ** 20
                   else "the disk may be full, or a file-size limit or quota was reached")
         return FileWriteError(errno.ENOSPC, f"cannot write {target}: the write stopped short, "
                                             f"{likely}{room}{kept}. Free some space and run "
-                                            f"again (torch said: {cause})")
+                                            f"again (the writer said: {cause})")
     if isinstance(failure, OSError) and failure.errno is not None and \
             not isinstance(failure, FileWriteError):
         return FileWriteError(failure.errno, f"cannot write {target}: "

@@ -294,3 +294,28 @@ def test_frames_are_resized_to_the_checkpoints_training_size(tmp_path, capsys):
                     "--out", tmp_path / "small", "--size", 8, 8]) == 0
     assert np.load(tmp_path / "small" / "predictions.npy").shape == (1, 1, 1, 8, 8)
     assert "note:" not in capsys.readouterr().out
+
+
+def test_a_sixteen_bit_rgb_video_keeps_every_level_for_an_rgb_model(tmp_path):
+    import av
+
+    rng = np.random.default_rng(6)
+    levels = rng.integers(0, 65536, (4, 16, 16, 3)).astype(np.uint16)
+    video = tmp_path / "deep_rgb.mkv"
+    with av.open(str(video), "w") as container:  # lossless 16-bit planar RGB (FFV1)
+        stream = container.add_stream("ffv1", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "gbrp16le"
+        for frame in levels:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb48le")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    frames = read_input_frames(video, video_color="rgb")
+    np.testing.assert_array_equal(
+        np.rint(frames[0].transpose(0, 2, 3, 1) * 65535).astype(np.uint16), levels)
+    torch.manual_seed(0)
+    model = VideoPredictionNetwork(ArchitectureConfig(**TINY, image_channels=3)).eval()
+    save_checkpoint(tmp_path / "rgb.pt", model)
+    assert predict([tmp_path / "rgb.pt", video, "--future-frames", 1, "--out", tmp_path / "o"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "predictions.npy"),
+                               expected(model, frames, 1), atol=1e-6)

@@ -249,14 +249,15 @@ def read_video(
         Return this many frames spread evenly over the whole video
         (:func:`uniform_indices`; frames repeat if the video is shorter); default: all.
     deep : bool
-        Gray frames of a video with more than 8 bits per sample (10-, 12-, 16-bit) come
-        back as uint16 with every level kept (default: uint8, as for training data).
+        Frames of a video with more than 8 bits per sample (10-, 12-, 16-bit), gray or
+        RGB, come back as uint16 with every level kept (default: uint8, as for training
+        data).
 
     Returns
     -------
     numpy.ndarray
-        uint8 ``(T, H, W)`` or ``(T, H, W, 3)``; uint16 ``(T, H, W)`` for a deep gray video
-        with ``deep=True`` (levels scaled to 0-65535).
+        uint8 ``(T, H, W)`` or ``(T, H, W, 3)``; uint16 for a deep video with ``deep=True``
+        (levels scaled to 0-65535).
 
     Raises
     ------
@@ -282,15 +283,21 @@ def read_video(
     reformatter = VideoReformatter()
     pixel_format = COLORS[color][0]
 
+    def deep_plane(plane: np.ndarray) -> np.ndarray:
+        # One 16-bit plane, resized in float so no level is lost to 8 bits.
+        if target is not None and plane.shape != target:
+            image = Image.fromarray(plane.astype(np.float32), "F")
+            plane = np.clip(np.rint(np.asarray(image.resize((target[1], target[0]), method))),
+                            0, 65535)
+        return np.asarray(plane, dtype=np.uint16)
+
     def convert(frame) -> np.ndarray:
-        if deep and color == "gray" and _bits(frame) > 8:
-            # Every level of a 10/12/16-bit video kept: 16-bit luma, resized in float.
-            array = reformatter.reformat(frame, format="gray16le").to_ndarray()
-            if target is not None and array.shape != target:
-                image = Image.fromarray(array.astype(np.float32), "F")
-                array = np.clip(np.rint(np.asarray(image.resize((target[1], target[0]),
-                                                                method))), 0, 65535)
-            return np.asarray(array, dtype=np.uint16)
+        if deep and _bits(frame) > 8:
+            # Every level of a 10/12/16-bit video kept: 16-bit luma or 48-bit RGB.
+            if color == "gray":
+                return deep_plane(reformatter.reformat(frame, format="gray16le").to_ndarray())
+            rgb = reformatter.reformat(frame, format="rgb48le").to_ndarray()
+            return np.stack([deep_plane(rgb[..., c]) for c in range(3)], axis=-1)
         array = reformatter.reformat(frame, format=pixel_format).to_ndarray()
         return _convert(Image.fromarray(array), color, target, method)
 

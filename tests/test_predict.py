@@ -140,6 +140,7 @@ def test_clear_errors(tmp_path, checkpoint, capsys):
         ([path, tmp_path / "missing.npy"], "input not found"),
         ([path, tmp_path / "odd.npy", "--size", 16, 16, "--input-frames", 5], "--input-frames 5, but"),
         ([tmp_path / "odd.npy", tmp_path / "odd.npy"], "odd.npy is not a torch.save file"),
+        ([tmp_path / "empty", tmp_path / "odd.npy"], "is a folder; give the checkpoint file itself"),
         ([path, tmp_path / "odd.npy", "--release-output-sigmoid"], "applies to release checkpoints only"),
     ]
     for argv, message in cases:

@@ -354,6 +354,12 @@ def describe_refused(source: Union[PathLike, BinaryIO], name: str, what: str,
     return f"cannot read {what} {name}: {first}"
 
 
+def _not_a_file(name: str, what: str) -> str:
+    if os.path.isdir(name):
+        return f"{what} {name} is a folder; give the {what} file itself"
+    return f"{what} file not found: {name}"
+
+
 def load_tensors(source: Union[PathLike, BinaryIO], map_location: Any = "cpu", *,
                  error: Type[Exception] = ValueError, what: str = "checkpoint") -> Any:
     """``torch.load(source, weights_only=True)``, every failure raised as ``error``.
@@ -382,7 +388,7 @@ def load_tensors(source: Union[PathLike, BinaryIO], map_location: Any = "cpu", *
 
     name = "stream" if hasattr(source, "read") else os.fspath(source)
     if not hasattr(source, "read") and not os.path.isfile(name):
-        raise error(f"{what} file not found: {name}")
+        raise error(_not_a_file(name, what))
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols says nothing useful
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -403,7 +409,7 @@ def load_pickle(path: PathLike, *, error: Type[Exception] = ValueError,
 
     name = os.fspath(path)
     if not os.path.isfile(name):
-        raise error(f"{what} file not found: {name}")
+        raise error(_not_a_file(name, what))
     if os.path.getsize(name) == 0:
         raise error(f"{what} {name} is empty (0 bytes): it was not written completely")
     try:

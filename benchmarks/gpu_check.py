@@ -9,8 +9,8 @@ has a time budget, and what does not fit is recorded as skipped):
    10 -> 10), fp16 + GradScaler and bf16, eager / fused / compiled executions
    (``benchmarks/cells.py`` explains them), seconds per step and peak GPU memory;
 4. ``torchrun`` with NCCL, world size 1: a few steps of ``train`` on the GPU;
-5. ``tt_conv.compress`` of a ResNet-50 on CUDA and its inference speed against the dense
-   model.
+5. ``benchmarks/model_speed.py`` on CUDA: ResNet-50 compressed per factorization to a third
+   of its conv FLOPs, inference side by side with dense (fp32, fp16, bf16; batch 1, 8, 64).
 
     python benchmarks/gpu_check.py --out DIR        # on the GPU machine
     python benchmarks/gpu_check.py --dry-run        # on a CPU: tiny sizes, the same logic
@@ -248,43 +248,16 @@ def torchrun_ddp(budget: float, device) -> dict:
 
 
 def compress_resnet50(budget: float, device) -> dict:
-    import torch
-    import torchvision
-
-    import tt_conv
+    """``benchmarks/model_speed.py`` on the device: ResNet-50 at a third of its conv FLOPs
+    per factorization, inference side by side with dense in fp32, fp16 and bf16."""
+    import model_speed
 
     dry = device.type != "cuda"
-    torch.manual_seed(0)
-    dense = torchvision.models.resnet50(weights=None).eval().to(device)
-    start = time.perf_counter()
-    compressed, report = tt_conv.compress(dense, factorization="tucker", rank=0.25,
-                                          progress=False)
-    compress_seconds = time.perf_counter() - start
-    batch, size = (2, 64) if dry else (64, 224)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(
-        memory_format=torch.channels_last)
-    results = {"compress_seconds": round(compress_seconds, 1), "input": [batch, 3, size, size],
-               "layers_factorized": sum(1 for layer in report.layers
-                                        if layer.factorization != "dense")}
-    for name, model in (("dense", dense), ("compressed", compressed)):
-        model = model.to(memory_format=torch.channels_last)
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
-            for _ in range(3):
-                model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times = []
-            for _ in range(3 if dry else 20):
-                start = time.perf_counter()
-                model(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-        results[f"{name}_ms"] = 1e3 * statistics.median(times)
-        results[f"{name}_parameters"] = sum(p.numel() for p in model.parameters())
-    results["speedup"] = results["dense_ms"] / results["compressed_ms"]
-    return results
+    argv = (["--size", "64", "--batches", "1", "--precisions", "fp32", "bf16",
+             "--factorizations", "tt", "--rounds", "1", "--repeats", "1"] if dry else
+            ["--batches", "1", "8", "64", "--precisions", "fp32", "fp16", "bf16",
+             "--rounds", "3", "--repeats", "5", "--threads", str(os.cpu_count() or 1)])
+    return model_speed.main(argv + ["--device", device.type])
 
 
 # ---------------------------------------------------------------------------- report
@@ -317,11 +290,10 @@ def markdown(results: dict) -> str:
                          f"| {number('peak_memory_mb', '{:.0f}')} | {r['status'][:80]} |")
     resnet = sections.get("compress ResNet-50", {})
     if resnet.get("status") == "ok":
-        lines += ["", f"ResNet-50, tt_conv.compress tucker 0.25 in {resnet['compress_seconds']} s; "
-                      f"inference {resnet['input']}: dense {resnet['dense_ms']:.2f} ms, "
-                      f"compressed {resnet['compressed_ms']:.2f} ms ({resnet['speedup']:.2f}x), "
-                      f"parameters {resnet['dense_parameters']:,} -> "
-                      f"{resnet['compressed_parameters']:,}"]
+        import model_speed
+
+        lines += ["", "ResNet-50 compressed to a third of its conv FLOPs "
+                      "(benchmarks/model_speed.py):", "", model_speed.format_table(resnet)]
     ddp = sections.get("torchrun", {})
     if ddp.get("status") == "ok":
         lines += ["", f"torchrun world size 1, {ddp['backend']}: {ddp['log_lines']} log lines, "

@@ -6,7 +6,7 @@ FLOPs, ``rank={"flops": 0.33, "global": True}`` on a 1 x 3 x 224 x 224 input; ``
 '{"latency": 0.5}' --compress-batch 8`` asks for half the measured latency at batch 8
 instead), then the dense model
 and every compressed one run forward in inference mode, channels-last, at each batch size
-and precision (fp32; bf16 under ``torch.autocast``), in interleaved rounds (dense, cp,
+and precision (fp32; bf16, or fp16 on a GPU, under ``torch.autocast``), in interleaved rounds (dense, cp,
 tucker, tt, dense, ...) so that a machine's drift hits all of them alike. The table gives
 the median time per batch and the speed-up over dense of the same round set.
 
@@ -53,9 +53,13 @@ def resnet50(seed: int = 0):
     return torchvision.models.resnet50(weights=None).eval()
 
 
+#: Autocast dtype of each precision (fp32: none).
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def precision_context(precision: str, device: str):
-    if precision == "bf16":
-        return torch.autocast(device, dtype=torch.bfloat16)
+    if precision in AUTOCAST:
+        return torch.autocast(device, dtype=AUTOCAST[precision])
     return contextlib.nullcontext()
 
 
@@ -87,7 +91,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"],
-                        choices=("fp32", "bf16"))
+                        choices=("fp32", "bf16", "fp16"),
+                        help="fp32, and bf16 / fp16 under torch.autocast (fp16: a GPU's)")
     parser.add_argument("--implementation", default="auto",
                         choices=("auto", "factorized", "reconstructed"))
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")

@@ -528,9 +528,10 @@ def _cp_als(tensor, factors, n_iter, l2, tol, linesearch):
 
     partial = torch.empty(math.prod(dims[1:]), rank, dtype=tensor.dtype, device=tensor.device)
 
-    def sweep(factors, grams):
-        # Mode 0: one product with the Khatri-Rao product of the others, in blocks.
-        mttkrp = _mttkrp_first(by_first, factors[1:])
+    def sweep(factors, grams, first=None):
+        # Mode 0: one product with the Khatri-Rao product of the others, in blocks (``first``:
+        # already computed for these factors by the line search).
+        mttkrp = _mttkrp_first(by_first, factors[1:]) if first is None else first
         gram = _hadamard([g for j, g in enumerate(grams) if j != 0])
         factors[0] = _solve_factor(mttkrp, gram, l2)
         grams[0] = factors[0].T @ factors[0]
@@ -548,17 +549,21 @@ def _cp_als(tensor, factors, n_iter, l2, tol, linesearch):
         norm_hat2 = float(torch.sum(gram * grams[-1]))
         return math.sqrt(max(norm2 - 2 * inner + norm_hat2, 0.0) / norm2)
 
-    previous = None
+    previous, first = None, None
     for iteration in range(n_iter):
         old = [f.clone() for f in factors] if linesearch else None
-        error = sweep(factors, grams)
+        error = sweep(factors, grams, first)
+        first = None
         if linesearch and iteration > 1:
             jump = iteration ** (1.0 / 3.0)
             trial = [o + jump * (f - o) for o, f in zip(old, factors)]
             trial_grams = [f.T @ f for f in trial]
-            trial_error = _cp_error(tensor, trial, trial_grams, norm2)
+            # The trial's error needs its mode-0 product, which is also what the next sweep
+            # starts with if the trial is taken: computed once (a third of a sweep's work).
+            trial_first = _mttkrp_first(by_first, trial[1:])
+            trial_error = _error_from_first(trial_first, trial[0], trial_grams, norm2)
             if trial_error < error:
-                factors, grams, error = trial, trial_grams, trial_error
+                factors, grams, error, first = trial, trial_grams, trial_error, trial_first
         if previous is not None and abs(previous - error) < tol * max(previous, 1e-300):
             break
         previous = error
@@ -580,8 +585,14 @@ def _cp_error(tensor, factors, grams=None, norm2=None) -> float:
         norm2 = float(torch.sum(tensor * tensor))
     if norm2 == 0:
         return 0.0
-    inner = float(torch.sum(_mttkrp_first(tensor.reshape(tensor.shape[0], -1), factors[1:])
-                            * factors[0]))
+    first = _mttkrp_first(tensor.reshape(tensor.shape[0], -1), factors[1:])
+    return _error_from_first(first, factors[0], grams, norm2)
+
+
+def _error_from_first(first, factor0, grams, norm2) -> float:
+    """Relative CP error from the mode-0 product ``first`` of the other factors:
+    ``||T||^2 - 2 <T, T_hat> + ||T_hat||^2`` with ``<T, T_hat> = sum(first * factor0)``."""
+    inner = float(torch.sum(first * factor0))
     norm_hat2 = float(torch.sum(_hadamard(grams)))
     return math.sqrt(max(norm2 - 2 * inner + norm_hat2, 0.0) / norm2)
 

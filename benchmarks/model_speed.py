@@ -19,6 +19,8 @@ Run from the repository root::
     PYTHONPATH=. python benchmarks/model_speed.py --batches 1 --precisions fp32 --rounds 3
     PYTHONPATH=. python benchmarks/model_speed.py --rank '{"latency": 0.5}' --compress-batch 8 \
         --factorizations tucker auto --batches 8 --precisions fp32
+    PYTHONPATH=. python benchmarks/model_speed.py --rank '{"latency": 0.5}' --compress-batch 8 \
+        --autocast bf16 --batches 8 --precisions bf16     # a latency budget for bf16 inference
 
 The compressed models are built with ``implementation`` (default ``"auto"``).
 """
@@ -95,6 +97,9 @@ def main(argv=None) -> dict:
                         help="fp32, and bf16 / fp16 under torch.autocast (fp16: a GPU's)")
     parser.add_argument("--implementation", default="auto",
                         choices=("auto", "factorized", "reconstructed"))
+    parser.add_argument("--autocast", default="fp32", choices=("fp32", "bf16", "fp16"),
+                        help="compress's autocast=: the precision its measured times "
+                             "(latency budgets, the execution choice) are taken in")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per round")
     parser.add_argument("--threads", type=int, default=2)
@@ -113,7 +118,8 @@ def main(argv=None) -> dict:
     for factorization in args.factorizations:
         start = time.perf_counter()
         model, report = tt_conv.compress(dense, factorization, rank, input_shape=shape,
-                                         implementation=args.implementation, progress=False)
+                                         implementation=args.implementation,
+                                         autocast=args.autocast, progress=False)
         compress_seconds[factorization] = time.perf_counter() - start
         totals = report.totals()
         print(f"{factorization}: compressed in {compress_seconds[factorization]:.1f} s, conv "
@@ -147,6 +153,7 @@ def main(argv=None) -> dict:
                "threads": args.threads, "torch": torch.__version__, "rank": rank,
                "compress_shape": list(shape),
                "size": args.size, "implementation": args.implementation,
+               "autocast": args.autocast,
                "compress_seconds": compress_seconds, "rows": rows}
     text = format_table(results)
     print(text)
@@ -161,7 +168,10 @@ def format_table(results) -> str:
     lines = [f"ResNet-50 compressed at rank={json.dumps(results['rank'])} on input "
              f"{tuple(results['compress_shape'])}; timed at {results['size']}x{results['size']}, "
              f"channels-last, inference mode, "
-             f"implementation={results['implementation']!r} ({results['machine']}, "
+             f"implementation={results['implementation']!r}"
+             + (f", compress timed under {results['autocast']} autocast"
+                if results.get("autocast", "fp32") != "fp32" else "")
+             + f" ({results['machine']}, "
              f"{results['threads']} threads, torch {results['torch']})", "",
              "| precision | batch | model | ms per batch | speed-up over dense |",
              "|---|---|---|---|---|"]

@@ -137,7 +137,7 @@ def test_cli_reads_a_latency_rank():
 def test_latency_plan_corrects_the_share_and_keeps_the_largest_that_held(monkeypatch):
     C = importlib.import_module("tt_conv.compress")  # the module, not the function
     measured = iter([0.30, 0.60, 0.48])  # seconds of a 1 s dense model, attempt by attempt
-    monkeypatch.setattr(C, "measure_seconds", lambda model, inputs: next(measured))
+    monkeypatch.setattr(C, "measure_model_seconds", lambda model, inputs: next(measured))
     plan = C.LatencyPlan(fraction=0.5, model_before=1.0, conv_before=0.8, conv_fraction=0.3)
     probe = C.Probe(shape_inputs=torch.zeros(1), calibration=None, data_fit=False,
                     input_shapes={}, params_before=0, flops_before=None)
@@ -147,3 +147,101 @@ def test_latency_plan_corrects_the_share_and_keeps_the_largest_that_held(monkeyp
     assert plan.conv_fraction == pytest.approx(0.4)
     assert not plan.again("third", None, probe)      # held at 0.48, within 5 %: stop
     assert (plan.result, plan.model_after, plan.held_share) == ("third", 0.48, 0.4)
+
+
+class _AutocastProbe(nn.Module):
+    """Records the CPU autocast state its forward runs under."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.seen = set()
+
+    def forward(self, x):
+        enabled = torch.is_autocast_enabled("cpu")
+        self.seen.add(torch.get_autocast_dtype("cpu") if enabled else None)
+        return self.conv(x)
+
+
+def test_measurements_run_under_the_autocast_asked_for():
+    probe = _AutocastProbe()
+    B.measure_seconds(probe, torch.randn(1, 3, 8, 8))
+    assert probe.seen == {None}
+    probe.seen.clear()
+    with B.timed_under_autocast(torch.bfloat16):
+        B.measure_seconds(probe, torch.randn(1, 3, 8, 8))
+    assert probe.seen == {torch.bfloat16}
+    probe.seen.clear()
+    B.measure_seconds(probe, torch.randn(1, 3, 8, 8))  # the block's setting does not leak
+    assert probe.seen == {None}
+    assert B.check_autocast("bf16") is torch.bfloat16 and B.check_autocast("fp32") is None
+    with pytest.raises(ValueError, match="autocast must be"):
+        B.check_autocast("int8")
+
+
+def test_conv_latency_is_cached_per_autocast():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    plain = B.conv_latency(conv, None, None, (1, 8, 10, 10))
+    before = len(B._LATENCY_CACHE)
+    with B.timed_under_autocast(torch.bfloat16):
+        B.conv_latency(conv, None, None, (1, 8, 10, 10))
+    assert len(B._LATENCY_CACHE) == before + 1  # measured again, not the fp32 time
+    assert B.conv_latency(conv, None, None, (1, 8, 10, 10)) == plain
+
+
+def test_a_latency_budget_under_bf16_autocast_is_measured_under_it():
+    # Wide layers only: where bf16 is emulated (no AMX), a 3-channel stem alone can take
+    # most of the time and no budget below 1 is reachable.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1)).eval()
+    shape = (2, 32, 16, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = tt_conv.compress(model, "tucker", {"latency": 0.8}, input_shape=shape,
+                                     autocast="bf16", progress=False)
+    assert report.latency_autocast == "bfloat16"
+    assert report.to_dict()["totals"]["latency_autocast"] == "bfloat16"
+    with B.timed_under_autocast(torch.bfloat16):  # the same (cached) times as the report's
+        for row, channels in zip(report.layers, (32, 64, 64)):
+            assert row.latency_before == B.conv_latency(model.get_submodule(row.name), None,
+                                                        None, (2, channels, 16, 16))
+    held = report.model_latency_after <= 0.8 * report.model_latency_before
+    text = str(report)
+    assert "under bfloat16 autocast" in text and ("target 0.8: held" in text) == held
+    assert any("not held" in str(w.message) for w in caught) == (not held)
+    with pytest.raises(ValueError, match="autocast must be"):
+        tt_conv.compress(model, "tucker", 0.5, autocast="int8", progress=False)
+
+
+class _LayoutProbe(nn.Module):
+    """Records the memory layout of its input and weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3)
+        self.seen = set()
+
+    def forward(self, x):
+        self.seen.add((x.is_contiguous(memory_format=torch.channels_last),
+                       self.conv.weight.is_contiguous(memory_format=torch.channels_last)))
+        return self.conv(x)
+
+
+def test_a_whole_model_is_timed_channels_last_like_its_layers(monkeypatch):
+    # Its layers are timed on channels-last inputs (example_input); the model must be too,
+    # or NCHW's slower convolutions count as "other operations" (6x under emulated bf16).
+    model = _LayoutProbe()
+    B.measure_model_seconds(model, (torch.randn(2, 8, 10, 10),))
+    assert model.seen == set()  # a copy ran, not the model itself
+    assert not model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    timed = []
+    monkeypatch.setattr(B, "measure_seconds", lambda module, example: timed.append(
+        (module, example)) or 1.0)
+    B.measure_model_seconds(model, (torch.randn(2, 8, 10, 10),))
+    module, example = timed[0]
+    module(*example)
+    assert module.seen == {(True, True)}
+    assert B.example_input((2, 8, 10, 10), "cpu", torch.float32).is_contiguous(
+        memory_format=torch.channels_last)

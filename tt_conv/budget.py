@@ -18,10 +18,14 @@ convolution (its geometry, its input size) and solves for the ranks that fit a b
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import itertools
 import math
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -235,11 +239,15 @@ def shared_energy_allocation(
     low_total, low_choice = allocation(0.0)
     if low_total > target:
         dense = [name for name, a in low_choice.items() if a.ranks is None]
+        def amount(value) -> str:  # seconds are shown in ms, counts as counts
+            return f"{value * 1e3:.4g} ms" if metric == "latency" else f"{value:,.0f}"
+
         raise ValueError(
-            f"rank: a global {metric} target of {fraction:g} x {target / fraction:,.0f} = "
-            f"{target:,.0f} is below what rank {min_rank} everywhere allows ({low_total:,}"
+            f"rank: a global {metric} target of {fraction:g} x {amount(target / fraction)} = "
+            f"{amount(target)} is below what rank {min_rank} everywhere allows "
+            f"({amount(low_total)}"
             + (f", of which {len(dense)} layers that cannot shrink keep "
-               f"{sum(low_choice[n].cost for n in dense):,}" if dense else "")
+               f"{amount(sum(low_choice[n].cost for n in dense))}" if dense else "")
             + "); raise the fraction or exclude small layers"
         )
     total, choice = allocation(1.0)
@@ -284,6 +292,40 @@ def unshrinkable_reason(conv, factorization: str, fraction: float) -> Optional[s
 # --------------------------------------------------------------------------- latency
 
 
+#: Autocast dtypes a model may be timed under, by name.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                   "fp16": torch.float16, "float16": torch.float16}
+
+#: The autocast dtype every measurement of this context runs under (None: the model's own
+#: dtype); set by :func:`timed_under_autocast`.
+_TIMING_AUTOCAST: ContextVar[Optional[torch.dtype]] = ContextVar("tt_conv_timing_autocast",
+                                                                default=None)
+
+
+def check_autocast(value: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    """``None`` (time in the model's dtype), or the autocast dtype named by ``value``
+    (``"bf16"``, ``"fp16"``, ``torch.bfloat16``, ``torch.float16``)."""
+    if value is None or value in ("fp32", "float32"):
+        return None
+    if isinstance(value, torch.dtype) and value in AUTOCAST_DTYPES.values():
+        return value
+    if isinstance(value, str) and value.lower() in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[value.lower()]
+    raise ValueError(f"autocast must be None, 'fp32', 'bf16' or 'fp16' (or torch.bfloat16 / "
+                     f"torch.float16), got {value!r}")
+
+
+@contextlib.contextmanager
+def timed_under_autocast(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """Within the block, :func:`measure_seconds` (and so every measured latency) runs the
+    module under ``torch.autocast`` of ``dtype`` on its inputs' device (``None``: as is)."""
+    token = _TIMING_AUTOCAST.set(check_autocast(dtype))
+    try:
+        yield
+    finally:
+        _TIMING_AUTOCAST.reset(token)
+
+
 def measure_seconds(module: torch.nn.Module, example, *, min_seconds: float = 0.005,
                     rounds: int = 3) -> float:
     """Seconds of one forward pass of ``module(example)`` in inference mode, measured.
@@ -293,10 +335,13 @@ def measure_seconds(module: torch.nn.Module, example, *, min_seconds: float = 0.
     least mean per pass is kept (the least is the least disturbed by other work on the
     machine). CUDA work is synchronised around each round. The module runs in evaluation
     mode (batch norms use their running statistics and are not updated); its own mode is
-    restored afterwards.
+    restored afterwards. Inside :func:`timed_under_autocast` it runs under that autocast.
     """
     inputs = example if isinstance(example, tuple) else (example,)
     cuda = any(t.is_cuda for t in inputs)
+    dtype = _TIMING_AUTOCAST.get()
+    autocast = (contextlib.nullcontext() if dtype is None else
+                torch.autocast(inputs[0].device.type, dtype=dtype))
 
     def sync():
         if cuda:
@@ -305,7 +350,7 @@ def measure_seconds(module: torch.nn.Module, example, *, min_seconds: float = 0.
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             module(*inputs)
             sync()
             start = time.perf_counter()
@@ -326,21 +371,42 @@ def measure_seconds(module: torch.nn.Module, example, *, min_seconds: float = 0.
     return best
 
 
-def example_input(input_shape: Sequence[int], device, dtype) -> torch.Tensor:
-    """A random input of ``input_shape``, channels-last where a model converted with
-    ``.to(memory_format=torch.channels_last)`` would see it so (4-D/5-D without a unit
-    spatial axis)."""
-    x = torch.randn(tuple(int(s) for s in input_shape), device=device, dtype=dtype)
+def timed_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the layout every latency is measured in: channels-last for 4-D/5-D tensors
+    without a unit spatial axis (what ``.to(memory_format=torch.channels_last)`` gives a
+    model; NCHW convolutions are slower, up to 6x under bf16 on CPUs without AMX), else
+    as is."""
     if not has_unit_spatial_axis(x):
         if x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        elif x.dim() == 5:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+            return x.contiguous(memory_format=torch.channels_last)
+        if x.dim() == 5:
+            return x.contiguous(memory_format=torch.channels_last_3d)
     return x
 
 
+def example_input(input_shape: Sequence[int], device, dtype) -> torch.Tensor:
+    """A random input of ``input_shape`` in the measured layout (:func:`timed_layout`)."""
+    return timed_layout(torch.randn(tuple(int(s) for s in input_shape), device=device,
+                                    dtype=dtype))
+
+
+def measure_model_seconds(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> float:
+    """:func:`measure_seconds` of a whole model in the layout its layers are measured in.
+
+    A copy of ``model`` with its 4-D/5-D parameters and buffers channels-last runs on the
+    inputs in :func:`timed_layout`, so the model's time and its layers' times (measured one
+    by one on :func:`example_input`) describe the same computation; ``model`` is untouched.
+    """
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for tensor in itertools.chain(clone.parameters(), clone.buffers()):
+            tensor.data = timed_layout(tensor.data)
+    return measure_seconds(clone, tuple(timed_layout(x) if isinstance(x, torch.Tensor) else x
+                                        for x in inputs))
+
+
 #: Measured seconds by everything they depend on (geometry, ranks, execution, input shape,
-#: device, dtype, thread count): ResNet blocks repeat shapes, and budgets ask again.
+#: device, dtype, autocast, thread count): ResNet blocks repeat shapes, and budgets ask again.
 _LATENCY_CACHE: Dict[tuple, float] = {}
 
 
@@ -354,7 +420,8 @@ def conv_latency(conv, factorization: Optional[str], ranks, input_shape: Sequenc
     """Measured seconds of one forward pass of ``conv``'s geometry on ``input_shape``.
 
     Dense (``factorization=None``) or factorized at ``ranks``, on ``conv``'s device and in its
-    dtype, in inference mode, channels-last (see :func:`example_input`). The weights are
+    dtype (under the autocast of :func:`timed_under_autocast`, if any), in inference mode,
+    channels-last (see :func:`example_input`). The weights are
     random: the time does not depend on their values, so no decomposition runs. A factorized
     layer is timed both ways (factorized chain, and one convolution with the reconstructed
     kernel) and the faster counts, unless ``implementation`` names one. Cached.
@@ -370,7 +437,7 @@ def conv_latency(conv, factorization: Optional[str], ranks, input_shape: Sequenc
                        for choice in ("factorized", "reconstructed"))
     key = (factorization, _geometry_key(geometry), bias is not None,
            None if ranks is None else tuple(ranks), implementation, shape,
-           str(kernel.device), kernel.dtype, torch.get_num_threads())
+           str(kernel.device), kernel.dtype, _TIMING_AUTOCAST.get(), torch.get_num_threads())
     if key not in _LATENCY_CACHE:
         options = dict(device=kernel.device, dtype=kernel.dtype)
         if factorization is None:

@@ -264,7 +264,7 @@ def run_compress(args) -> int:
             model, args.factorization, rank, include=args.include or None,
             exclude=args.exclude or None, input_shape=parse_shape(args.input_shape),
             calibration=calibration, fit=args.fit, strict=args.strict,
-            implementation=args.implementation,
+            implementation=args.implementation, autocast=args.autocast,
             inplace=True, progress=not args.quiet,
         )
     except (ValueError, TypeError) as error:
@@ -403,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "it dense and say why)")
     c.add_argument("--implementation", default="auto",
                    choices=["auto", "factorized", "reconstructed"])
+    c.add_argument("--autocast", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="the precision the model will run in: measured times (latency "
+                        "budgets, the execution choice) are taken under that autocast")
     c.add_argument("--export", action="store_true",
                    help="save plain PyTorch modules (loads without tt_conv)")
     c.add_argument("--report", help="write the report here (.md, .json or text)")

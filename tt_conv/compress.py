@@ -25,9 +25,11 @@ from ._checks import FACTORIZATIONS
 from .budget import (
     Allocation,
     GlobalLayer,
+    check_autocast,
     conv_latency,
     conv_latency_fraction,
-    measure_seconds,
+    measure_model_seconds,
+    timed_under_autocast,
     shared_energy_allocation,
 )
 from .decompose import relative_error
@@ -95,6 +97,7 @@ def compress(
     strict: bool = False,
     inplace: bool = False,
     implementation: str = "auto",
+    autocast: Any = None,
     decomposition_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
     progress: bool = True,
 ) -> Tuple[nn.Module, CompressionReport]:
@@ -122,7 +125,9 @@ def compress(
         * ``{"flops": f}``: each layer at most ``f`` of its FLOPs on its input (needs
           ``input_shape`` or ``calibration``; the layers then run factorized);
         * ``{"latency": f}``: the whole model's measured forward time on ``input_shape``, on
-          the model's device and in its dtype, at most ``f`` of the dense model's: each
+          the model's device, in its dtype (or under ``autocast``) and channels-last (the
+          layout its layers are timed in; run the result channels-last too), at most ``f``
+          of the dense model's: each
           layer's ranks priced by its measured time, spread by the shared energy threshold
           below, then the compressed model measured whole and the share corrected (see
           :class:`LatencyPlan`); the report gives measured per-layer and model latencies;
@@ -182,6 +187,12 @@ def compress(
         known input shape each layer's two executions are timed on its actual input shape
         and device and the faster kept (:func:`tt_conv.budget.measured_implementation`);
         without one, the layers' own estimate decides.
+    autocast : {None, "fp32", "bf16", "fp16"} or torch.dtype, optional
+        The mixed precision the compressed model will run in: every measured time (latency
+        budgets, the measured execution choice) is then taken under ``torch.autocast`` of
+        that dtype on the model's device, since which execution is faster, and by how much,
+        changes with it (bf16 convolutions on AMX CPUs, fp16 on GPUs). ``None`` (default) or
+        ``"fp32"``: in the model's own dtype.
     decomposition_options : dict, optional
         ``{"cp": {...}, "tucker": {...}, "tt": {...}}``: keyword arguments for the
         decompositions (see :mod:`tt_conv.decompose`).
@@ -205,6 +216,18 @@ def compress(
     """
     settings = check_settings(model, factorization, rank, overrides, fit, strict,
                               implementation, decomposition_options, progress)
+    timing = check_autocast(autocast)
+    with timed_under_autocast(timing):
+        compressed, report = _compress(model, settings, include, exclude, input_shape,
+                                       calibration, inplace)
+    if timing is not None:
+        report.latency_autocast = str(timing).replace("torch.", "")
+    return compressed, report
+
+
+def _compress(model, settings: Settings, include, exclude, input_shape, calibration,
+              inplace) -> Tuple[nn.Module, CompressionReport]:
+    """The phases of :func:`compress`, in order, on checked settings."""
     shape_inputs, calibration_inputs = model_inputs(model, input_shape, calibration)
     model = initialise_lazy(model, shape_inputs, inplace)
     entries = select_convolutions(model, settings.factorization, settings.spec,
@@ -430,7 +453,7 @@ class LatencyPlan:
         if spec.kind != "latency":
             return None
         timed = [job for job in jobs if isinstance(job, LayerJob)]
-        model_before = measure_seconds(model, _as_args(probe.shape_inputs))
+        model_before = measure_model_seconds(model, _as_args(probe.shape_inputs))
         conv_before = sum(job.dense_latency for job in timed)
         return cls(spec.value, model_before, conv_before,
                    conv_latency_fraction(spec.value, model_before, conv_before))
@@ -439,7 +462,7 @@ class LatencyPlan:
         """Record one compressed model; whether to allocate again (``conv_fraction`` is then
         the next share to try)."""
         self.attempts += 1
-        measured = measure_seconds(compressed, _as_args(probe.shape_inputs))
+        measured = measure_model_seconds(compressed, _as_args(probe.shape_inputs))
         ratio = measured / self.model_before
         share = self.conv_fraction
         if ratio <= self.fraction:

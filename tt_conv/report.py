@@ -63,6 +63,8 @@ class CompressionReport:
     model_latency_before: Optional[float] = None
     model_latency_after: Optional[float] = None
     latency_target: Optional[float] = None
+    #: The autocast dtype every measured time was taken under (``None``: the model's dtype).
+    latency_autocast: Optional[str] = None
     #: What ``model_output_error`` and the layers' output errors were measured on.
     measured_on: str = "the calibration batch"
 
@@ -106,6 +108,7 @@ class CompressionReport:
             "model_output_error": self.model_output_error,
             "model_latency_before": self.model_latency_before,
             "model_latency_after": self.model_latency_after,
+            "latency_autocast": self.latency_autocast,
             "model_speedup": ratio(self.model_latency_before, self.model_latency_after),
             "layers_factorized": sum(r.factorization != "dense" for r in self.layers),
             "layers_dense": sum(r.factorization == "dense" for r in self.layers),
@@ -180,7 +183,9 @@ class CompressionReport:
             )
         if self.model_latency_before is not None and self.model_latency_after is not None:
             lines.append(
-                f"measured model latency at input {tuple(self.input_shape)}: "
+                f"measured model latency at input {tuple(self.input_shape)}"
+                + ("" if self.latency_autocast is None else
+                   f" under {self.latency_autocast} autocast") + ": "
                 f"{self.model_latency_before * 1e3:.4g} ms -> {self.model_latency_after * 1e3:.4g} ms "
                 f"({self.model_latency_after / self.model_latency_before:.3f} of dense"
                 + ("" if self.latency_target is None else

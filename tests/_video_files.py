@@ -41,3 +41,19 @@ def level_frames(levels, height, width):
     levels = np.asarray(levels, dtype=np.uint8)
     frames = np.repeat(levels[:, None, None], height, axis=1).repeat(width, axis=2)
     return frames
+
+
+def write_lossless_video(path, frames, *, pix_fmt, frame_format):
+    """Encode ``frames`` (one array per frame in PyAV's ``frame_format``, e.g. uint16
+    ``gray16le`` or ``rgb48le``) losslessly with FFV1 in ``pix_fmt``; every level survives."""
+    path = Path(path)
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=4)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format=frame_format)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -229,20 +229,13 @@ def test_predict_on_a_video_file(tmp_path, checkpoint, suffix, codec):
 
 
 def test_predict_on_a_sixteen_bit_video_keeps_every_level(tmp_path, checkpoint):
-    import av
+    from _video_files import write_lossless_video
 
     path, model = checkpoint
     rng = np.random.default_rng(5)
     levels = rng.integers(0, 65536, (4, 16, 16)).astype(np.uint16)
-    video = tmp_path / "deep.mkv"
-    with av.open(str(video), "w") as container:  # lossless 16-bit gray (FFV1)
-        stream = container.add_stream("ffv1", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 16, 16, "gray16le"
-        for frame in levels:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="gray16le")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    video = write_lossless_video(tmp_path / "deep.mkv", levels, pix_fmt="gray16le",
+                                 frame_format="gray16le")
     frames = read_input_frames(video, video_color="gray")
     np.testing.assert_array_equal(np.rint(frames[0, :, 0] * 65535).astype(np.uint16), levels)
     assert predict([path, video, "--future-frames", 1, "--out", tmp_path / "o"]) == 0
@@ -298,19 +291,12 @@ def test_frames_are_resized_to_the_checkpoints_training_size(tmp_path, capsys):
 
 
 def test_a_sixteen_bit_rgb_video_keeps_every_level_for_an_rgb_model(tmp_path):
-    import av
+    from _video_files import write_lossless_video
 
     rng = np.random.default_rng(6)
     levels = rng.integers(0, 65536, (4, 16, 16, 3)).astype(np.uint16)
-    video = tmp_path / "deep_rgb.mkv"
-    with av.open(str(video), "w") as container:  # lossless 16-bit planar RGB (FFV1)
-        stream = container.add_stream("ffv1", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 16, 16, "gbrp16le"
-        for frame in levels:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb48le")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    video = write_lossless_video(tmp_path / "deep_rgb.mkv", levels, pix_fmt="gbrp16le",
+                                 frame_format="rgb48le")  # 16-bit planar RGB
     frames = read_input_frames(video, video_color="rgb")
     np.testing.assert_array_equal(
         np.rint(frames[0].transpose(0, 2, 3, 1) * 65535).astype(np.uint16), levels)

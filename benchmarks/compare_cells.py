@@ -15,7 +15,7 @@ Every run is an ordinary training run of the application (``train``) in
 again with the same arguments, continues where it stopped (finished runs and their scores
 are kept in ``scores.json`` beside them and not redone).
 
-    python benchmarks/compare_cells.py                      # CPU scale (about 2 h on 2 cores)
+    python benchmarks/compare_cells.py --jobs 2             # CPU scale (95 min on 2 cores)
     python benchmarks/compare_cells.py --scale gpu          # the bigger configuration
     python benchmarks/compare_cells.py --smoke --runs-dir /tmp/smoke   # a check that it runs
 

@@ -174,6 +174,23 @@ def test_global_parameter_budget_holds_exactly(factorization):
     assert 0 < report.shared_energy < 1
 
 
+@pytest.mark.parametrize("rank", [{"params": 0.25, "global": True},
+                                  {"flops": 0.25, "global": True}])
+def test_a_global_cp_budget_is_used_where_the_unfoldings_cap_the_ranks(rank):
+    # 32 x 32 x 16 kernels (long 1-D filters, like a pitch network's): every unfolding has
+    # rank <= 32, but a quarter of the parameters buys CP rank 50. The shared energy reaches
+    # 1 at rank 32 (15.8 % of the parameters); the CP ranks then grow into the budget.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 32, (16, 1)), nn.ReLU(),
+                          nn.Conv2d(32, 32, (16, 1), bias=False))
+    shape = (1, 32, 40, 1)
+    _, report = tt_conv.compress(model, "cp", rank, input_shape=shape, progress=False)
+    metric = "params" if "params" in rank else "flops"
+    before, after = (getattr(report, f"conv_{metric}_{w}") for w in ("before", "after"))
+    assert 0.23 * before < after <= 0.25 * before
+    assert all(row.ranks[0] > 32 for row in report.layers)
+
+
 def test_global_and_per_layer_flop_budgets_hold_when_measured():
     model = make_cnn()
     x = torch.zeros(1, 3, 16, 16)

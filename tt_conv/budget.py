@@ -36,6 +36,7 @@ from .layers.base import conv_geometry, has_unit_spatial_axis
 from .rank import (
     budget_rank,
     group_dims,
+    max_cp_rank,
     n_factor_parameters,
     ranks_from_spectra,
     ranks_within,
@@ -252,7 +253,9 @@ def shared_energy_allocation(
         )
     total, choice = allocation(1.0)
     if total <= target:
-        return 1.0, choice
+        # Every unfolding whole and budget left: CP ranks, which the spectra cap at the
+        # unfoldings' ranks (a 512 x 256 x 64 kernel's at 512), may still grow.
+        return 1.0, _grown_cp(prepared, choice, target, metric)
     best = (0.0, low_choice)
     lo, hi = 0.0, 1.0
     for _ in range(60):
@@ -263,6 +266,53 @@ def shared_energy_allocation(
         else:
             hi = mid
     return best
+
+
+def _grown_cp(prepared, choice: Dict[str, Allocation], target: float,
+              metric: str) -> Dict[str, Allocation]:
+    """``choice`` with its CP ranks scaled up by one common factor, the largest that keeps
+    the total within ``target``; each rank at most the kernel's exact CP rank and below its
+    dense cost. Parameter and FLOP budgets only: their costs are formulas, while a latency
+    would be measured for every trial rank."""
+    if metric == "latency":
+        return choice
+    growing = []
+    for layer, _, dims in prepared:
+        allocated = choice[layer.name]
+        if layer.factorization != "cp" or allocated.ranks is None:
+            continue
+
+        def cost(rank, layer=layer):
+            return layer_cost(layer.conv, "cp", (rank,), metric, layer.input_shape)
+
+        # The largest rank still cheaper than dense (costs grow with the rank).
+        low, high = allocated.ranks[0], max_cp_rank(dims)
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if cost(mid) < layer.dense_cost else (low, mid - 1)
+        if low > allocated.ranks[0]:
+            growing.append((layer.name, allocated.ranks[0], low, cost))
+    if not growing:
+        return choice
+    fixed = sum(a.cost for name, a in choice.items() if name not in {g[0] for g in growing})
+
+    def grown(factor):
+        ranks = {name: min(cap, max(start, math.floor(start * factor)))
+                 for name, start, cap, _ in growing}
+        return ranks, fixed + sum(cost(ranks[name]) for name, _, _, cost in growing)
+
+    low, high = 1.0, max(cap / start for _, start, cap, _ in growing)
+    if grown(high)[1] <= target:
+        low = high
+    else:
+        for _ in range(40):
+            mid = 0.5 * (low + high)
+            low, high = (mid, high) if grown(mid)[1] <= target else (low, mid)
+    ranks, _ = grown(low)
+    result = dict(choice)
+    for name, _, _, cost in growing:
+        result[name] = Allocation("cp", (ranks[name],), cost(ranks[name]))
+    return result
 
 
 def unshrinkable_reason(conv, factorization: str, fraction: float) -> Optional[str]:

@@ -135,7 +135,9 @@ def compress(
           convolutions together (kernels and biases, layers left dense included) keep at
           most ``f`` of their parameters / FLOPs. The budget is spread by one energy
           threshold shared by all layers (each unfolding keeps that fraction of its
-          spectral energy), the largest that fits, found by bisection;
+          spectral energy), the largest that fits, found by bisection; where every
+          unfolding is kept whole and budget is left, CP ranks (which can exceed the
+          unfoldings' ranks) grow by one common factor into it;
         * ``"evbmf"`` or ``{"evbmf": w}``: EVBMF ranks (:func:`tt_conv.rank.evbmf_rank`),
           weakened by ``w`` in [0, 1] (1 = plain EVBMF);
         * ``{"energy": e}``: the smallest ranks keeping ``e`` of the spectral energy of every

@@ -165,6 +165,9 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", choices=FACTORIZATIONS)
     parser.add_argument("--targets", nargs="*", choices=list(TARGETS))
     parser.add_argument("--skip-tltorch", action="store_true")
+    parser.add_argument("--skip-calibrated", action="store_true",
+                        help="only the rows without calibration (fit='data' runs several "
+                             "decompositions per layer: long for CP)")
     parser.add_argument("--json", help="results (JSON); rows already there are skipped")
     parser.add_argument("--markdown", help="write the table here (markdown)")
     args = parser.parse_args(argv)
@@ -210,7 +213,7 @@ def main(argv=None):
                 "conv_params": dense_convs, "reduction": 1.0, "seconds": 0.0})
     for factorization in args.only or FACTORIZATIONS:
         for target in args.targets or TARGETS:
-            for n_calibration in (0, len(calibration)):
+            for n_calibration in (0,) if args.skip_calibrated else (0, len(calibration)):
                 key = ("tt_conv", factorization, target, n_calibration)
                 if key in done:
                     continue

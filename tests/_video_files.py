@@ -24,12 +24,17 @@ def write_video(path, frames, *, codec="mpeg4", fps=25):
             stream.codec_context.qscale = 1
         else:
             stream.options = {"crf": "4", "b:v": "0", "deadline": "realtime", "cpu-used": "8"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format=source_format)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        _encode(container, stream, frames, source_format)
     return path
+
+
+def _encode(container, stream, frames, frame_format):
+    """Encode and mux every frame (arrays in PyAV's ``frame_format``), then flush."""
+    for frame in frames:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format=frame_format)):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
 
 
 def level_frames(levels, height, width):
@@ -51,9 +56,5 @@ def write_lossless_video(path, frames, *, pix_fmt, frame_format):
     with av.open(str(path), "w") as container:
         stream = container.add_stream("ffv1", rate=4)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format=frame_format)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        _encode(container, stream, frames, frame_format)
     return path

@@ -245,3 +245,22 @@ def test_a_whole_model_is_timed_channels_last_like_its_layers(monkeypatch):
     assert module.seen == {(True, True)}
     assert B.example_input((2, 8, 10, 10), "cpu", torch.float32).is_contiguous(
         memory_format=torch.channels_last)
+
+
+def test_an_infeasible_latency_budget_is_explained_in_the_whole_models_terms():
+    # A depthwise 7 x 7 convolution cannot shrink and takes most of the model's time: a
+    # fifth of the model's latency is below what rank 1 everywhere allows. The message
+    # states the whole-model target asked for, not the convolutions' internal share.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 192, 1),
+                          nn.Conv2d(192, 192, 7, padding=3, groups=192),
+                          nn.Conv2d(192, 8, 1)).eval()
+    with pytest.raises(ValueError) as caught:
+        tt_conv.compress(model, "tucker", {"latency": 0.2}, input_shape=(1, 8, 48, 48),
+                         progress=False)
+    message = str(caught.value)
+    assert message.startswith("rank: a latency target of 0.2 x ")
+    assert "leaves the selected convolutions" in message
+    assert "other operations take" in message
+    assert "that cannot shrink" in message  # the depthwise one, and what rank 1 does not speed up
+    assert "global latency target" not in message

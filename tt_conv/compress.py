@@ -25,6 +25,7 @@ from ._checks import FACTORIZATIONS
 from .budget import (
     Allocation,
     GlobalLayer,
+    InfeasibleBudget,
     check_autocast,
     conv_latency,
     conv_latency_fraction,
@@ -240,7 +241,14 @@ def _compress(model, settings: Settings, include, exclude, input_shape, calibrat
     jobs = plan_jobs(entries, probe, settings.implementation)
     latency = LatencyPlan.measure(model, jobs, probe, settings.spec)
     while True:
-        allocation = plan_global_budget(jobs, latency.conv_fraction if latency else None)
+        try:
+            allocation = plan_global_budget(jobs, latency.conv_fraction if latency else None)
+        except InfeasibleBudget as error:
+            if latency is None:
+                raise
+            if latency.result is None:
+                raise latency.infeasible(error) from None
+            break  # a corrected share below the least ranks: keep the models measured
         outcomes = factorize_layers(jobs, allocation, probe, settings)
         compressed, kernel_only = assemble(model, outcomes, probe, inplace and latency is None)
         if latency is None or not latency.again((allocation, outcomes, compressed, kernel_only),
@@ -483,6 +491,17 @@ class LatencyPlan:
         else:
             self.conv_fraction = min(1.0, max(1e-3, share * self.fraction / ratio))
         return self.conv_fraction != share
+
+    def infeasible(self, error: InfeasibleBudget) -> ValueError:
+        """``error`` (the convolutions' share is below their least cost) said in the terms of
+        the budget asked for: the whole model's latency."""
+        rest = max(self.model_before - self.conv_before, 0.0)
+        return ValueError(
+            f"rank: a latency target of {self.fraction:g} x {self.model_before * 1e3:.4g} ms "
+            f"leaves the selected convolutions {self.conv_fraction * self.conv_before * 1e3:.4g}"
+            f" ms ({self.conv_fraction:.3g} of their measured {self.conv_before * 1e3:.4g} ms;"
+            f" the model's other operations take {rest * 1e3:.4g} ms), below {error.floor}; "
+            "raise the fraction or exclude small layers")
 
     def annotate(self, report: CompressionReport) -> None:
         report.model_latency_before = self.model_before

@@ -85,6 +85,34 @@ def test_tucker_matches_tensorly_hooi():
     assert ours <= reference + 1e-6
 
 
+@pytest.mark.parametrize("mode, others", [(0, [1]), (1, [0]), (2, [0, 3]), (3, [2, 0, 1]),
+                                          (1, [4, 0])])
+def test_hooi_projected_unfolding_has_the_projected_unfoldings_gram(mode, others):
+    # HOOI takes its subspaces from the Gram matrix of the projected unfolding, which the
+    # contractions leave with its columns in another order: the Gram must be the same.
+    g = torch.Generator().manual_seed(5)
+    tensor = torch.randn(5, 4, 6, 3, 2, generator=g, dtype=torch.float64)
+    factors = [torch.randn(n, 2, generator=g, dtype=torch.float64) for n in tensor.shape]
+    reference = tensor
+    for j in others:
+        reference = D.mode_product(reference, factors[j].T, j)
+    reference = D.unfold_mode(reference, mode)
+    projected = D._projected_unfolding(tensor, mode, others, factors)
+    assert projected.shape == reference.shape
+    assert torch.allclose(projected @ projected.T, reference @ reference.T, atol=1e-12)
+
+
+def test_leading_singular_without_right_vectors_keeps_the_left_ones():
+    matrix = torch.randn(6, 40, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    u, s, v = D._leading_singular(matrix, 4)
+    u2, s2, v2 = D._leading_singular(matrix, 4, right_vectors=False)
+    assert v2 is None and torch.equal(u, u2) and torch.equal(s, s2)
+    assert torch.allclose(s, torch.linalg.svdvals(matrix)[:4], atol=1e-12)
+    # Rows the larger side: the left vectors come from the product, so they are returned.
+    u3, s3, _ = D._leading_singular(matrix.T, 4, right_vectors=False)
+    assert torch.allclose(u3.abs(), v.abs(), atol=1e-10)
+
+
 def test_tucker_of_a_one_by_one_kernel_is_the_svd_truncation():
     matrix = torch.randn(30, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     core, factors = D.tucker(matrix.reshape(30, 20, 1, 1), [7, 5])

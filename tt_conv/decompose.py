@@ -288,14 +288,16 @@ def _cp_of_matrix(tensor: torch.Tensor, rank: int) -> Tuple[torch.Tensor, List[t
     return torch.ones(rank, dtype=tensor.dtype, device=tensor.device), factors
 
 
-def _leading_singular(matrix: torch.Tensor, count: int):
+def _leading_singular(matrix: torch.Tensor, count: int, right_vectors: bool = True):
     """The ``count`` leading singular triplets ``(u, s, v)`` of a (batch of) matrix, via the
     smaller Gram matrix.
 
     Eigen-decomposing the smaller Gram matrix costs one matrix product and a small
     symmetric eigenproblem, far less than an SVD of a long unfolding; the vectors of the
     other side are recovered by one product and re-orthonormalised (QR), so they stay
-    orthonormal even where singular values vanish.
+    orthonormal even where singular values vanish. With ``right_vectors=False`` (HOOI needs
+    only ``u`` and ``s``) ``v`` is None when the rows are the smaller side, and that product
+    and QR are skipped.
     """
     rows, cols = matrix.shape[-2:]
     count = min(count, rows, cols)
@@ -304,9 +306,12 @@ def _leading_singular(matrix: torch.Tensor, count: int):
     values, vectors = torch.linalg.eigh(a @ a.transpose(-1, -2))
     s = values.flip(-1)[..., :count].clamp_min(0).sqrt()
     left = vectors.flip(-1)[..., :count]
-    right = torch.linalg.qr(a.transpose(-1, -2) @ left).Q
+    if not (right_vectors or transpose):
+        return left, s, None
+    product = a.transpose(-1, -2) @ left
+    right = torch.linalg.qr(product).Q
     # QR may flip signs: keep v = a^T u / s exactly where s > 0.
-    signs = torch.sign(torch.sum(right * (a.transpose(-1, -2) @ left), dim=-2, keepdim=True))
+    signs = torch.sign(torch.sum(right * product, dim=-2, keepdim=True))
     right = right * torch.where(signs == 0, torch.ones_like(signs), signs)
     if transpose:
         left, right = right, left
@@ -640,7 +645,7 @@ def tucker(
 
     factors = [
         torch.eye(tensor.shape[m], dtype=tensor.dtype, device=tensor.device) if full[m]
-        else _leading_singular(unfold_mode(tensor, m), rank[m])[0] for m in modes
+        else _leading_singular(unfold_mode(tensor, m), rank[m], False)[0] for m in modes
     ]
     matrix_like = sum(n > 1 for m, n in enumerate(tensor.shape) if m not in modes) == 0 \
         and len(modes) == 2
@@ -652,11 +657,9 @@ def tucker(
         for m in modes:
             if full[m]:
                 continue
-            projected = tensor
-            for j in modes:
-                if j != m and not full[j]:
-                    projected = mode_product(projected, factors[j].T, j)
-            factors[m], singular = _leading_singular(unfold_mode(projected, m), rank[m])[:2]
+            others = [j for j in modes if j != m and not full[j]]
+            projected = _projected_unfolding(tensor, m, others, factors)
+            factors[m], singular = _leading_singular(projected, rank[m], False)[:2]
             kept = float(torch.sum(singular * singular))
         # The core of the last update is U_m^T times that projection: its norm is the sum of
         # the kept squared singular values, so the error needs no projection of its own.
@@ -665,6 +668,24 @@ def tucker(
             break
         previous = error
     return _project(tensor, factors, modes, full), factors
+
+
+def _projected_unfolding(tensor, mode, others, factors):
+    """The mode-``mode`` unfolding of ``tensor`` projected on ``factors[j]`` along each mode
+    of ``others``, with its columns in whatever order the contractions leave them.
+
+    Its Gram matrix (all HOOI needs) does not depend on the column order, so each
+    contraction's result is used as it comes, contiguous, instead of being moved back into
+    place and copied again for the unfolding.
+    """
+    moved = tensor.movedim(mode, 0)
+    axes = [j if j > mode else j + 1 for j in others]  # where each mode sits after the move
+    for count, (axis, j) in enumerate(zip(axes, others)):
+        # Every contracted axis goes to the end, so the axes not yet contracted keep their
+        # places minus the ones before them already taken out.
+        position = axis - sum(1 for done in axes[:count] if done < axis)
+        moved = torch.tensordot(moved, factors[j], dims=([position], [0]))
+    return moved.reshape(tensor.shape[mode], -1)
 
 
 def _project(tensor, factors, modes, full):

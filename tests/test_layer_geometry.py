@@ -127,3 +127,29 @@ def test_output_shape_matches_the_computed_output(factorization):
     )
     x = torch.randn(3, 4, 11, 7)
     assert layer.output_shape(x.shape) == tuple(layer(x).shape)
+
+
+@pytest.mark.parametrize("factorization", FACTORIZATIONS)
+@pytest.mark.parametrize("n_dim", [1, 2, 3])
+def test_a_strided_pointwise_chain_subsamples_first(factorization, n_dim):
+    # A strided 1 x 1 kernel only subsamples and mixes channels: the chain strides in its
+    # first stage, so every later stage runs on the subsampled pixels, and flops() counts
+    # what the forward does.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    conv = CONVS[n_dim](16, 24, 1, stride=2, bias=True)
+    layer = tt_conv.FactorizedConv.from_conv(conv, factorization=factorization, rank=0.5,
+                                             implementation="factorized")
+    specs = layer._chain_specs()
+    assert specs[0].stride == (2,) * n_dim
+    assert all(spec.stride == (1,) * n_dim for spec in specs[1:])
+    x = torch.randn(2, 16, *[9] * n_dim)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        y = layer(x)
+    assert y.shape == conv(x).shape
+    assert layer.flops(tuple(x.shape), "factorized") == counter.get_total_flops()
+    full_rank = tt_conv.FactorizedConv.from_conv(conv, factorization=factorization,
+                                                 rank=FULL_RANK)
+    assert relative_error(full_rank(x), conv(x)) <= 1e-4

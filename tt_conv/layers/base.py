@@ -223,7 +223,7 @@ class FactorizedConv(nn.Module):
             self.register_parameter("bias", None)
         self.reset_parameters()
 
-        stages = self._stage_specs()
+        stages = self._chain_specs()
         self._stage_stride = [list(s.stride) for s in stages]
         self._stage_padding = [list(s.padding) for s in stages]
         self._stage_dilation = [list(s.dilation) for s in stages]
@@ -265,6 +265,28 @@ class FactorizedConv(nn.Module):
 
     def _stage_specs(self) -> List[StageSpec]:
         raise NotImplementedError
+
+    @property
+    def _strided_pointwise(self) -> bool:
+        """A 1 x 1 kernel with a stride and no padding: it subsamples, then mixes channels."""
+        return (all(k == 1 for k in self.kernel_size) and any(s > 1 for s in self.stride)
+                and all(p == (0, 0) for p in self._pad_pairs))
+
+    def _chain_specs(self) -> List[StageSpec]:
+        """:meth:`_stage_specs` as the chain runs them.
+
+        A strided 1 x 1 kernel without padding subsamples its input, which commutes with
+        every stage of its chain (all 1 x 1): the stride goes to the first stage, so the
+        later ones run on the subsampled pixels (a ResNet's strided 1 x 1 shortcut ran its
+        first stage on four times the pixels it needed).
+        """
+        stages = self._stage_specs()
+        if not self._strided_pointwise:
+            return stages
+        ones = (1,) * self.n_dim
+        return [StageSpec(s.in_channels, s.out_channels, s.kernel_size,
+                          self.stride if i == 0 else ones, s.padding, s.dilation, s.groups)
+                for i, s in enumerate(stages)]
 
     def stage_weights(self) -> List[torch.Tensor]:
         """The weights of the factorized chain's convolutions, in execution order."""
@@ -473,7 +495,7 @@ class FactorizedConv(nn.Module):
     def _stage_sizes(self, spatial: Sequence[int]) -> List[Tuple[int, ...]]:
         """Spatial size at the input of each stage, and at the output of the last."""
         sizes = [tuple(spatial)]
-        for i, spec in enumerate(self._stage_specs()):
+        for i, spec in enumerate(self._chain_specs()):
             size = sizes[-1]
             if i == 1 and self._explicit_pad:
                 size = tuple(n + a + b for n, (a, b) in zip(size, self._pad_pairs))
@@ -516,7 +538,7 @@ class FactorizedConv(nn.Module):
             )
         sizes = self._stage_sizes(spatial)
         total = self._stage_weight_flops()
-        for spec, size in zip(self._stage_specs(), sizes[1:]):
+        for spec, size in zip(self._chain_specs(), sizes[1:]):
             total += conv_flops(batch, spec.out_channels, spec.in_channels // spec.groups,
                                 spec.kernel_size, size)
         return total
@@ -537,7 +559,7 @@ class FactorizedConv(nn.Module):
             return macs + _ACTIVATION_COST * traffic + self._reconstruction_flops() / 2
         sizes = self._stage_sizes(spatial)
         cost = self._stage_weight_flops() / 2
-        for spec, size_in, size_out in zip(self._stage_specs(), sizes[:-1], sizes[1:]):
+        for spec, size_in, size_out in zip(self._chain_specs(), sizes[:-1], sizes[1:]):
             macs = conv_flops(1, spec.out_channels, spec.in_channels // spec.groups,
                               spec.kernel_size, size_out) / 2
             if spec.depthwise:
@@ -576,7 +598,7 @@ class FactorizedConv(nn.Module):
         conv_class = self._dense_conv_class()
         weights = [w.detach() for w in self.stage_weights()]
         modules: List[nn.Module] = []
-        specs = self._stage_specs()
+        specs = self._chain_specs()
         for i, (spec, weight) in enumerate(zip(specs, weights)):
             if i == 1 and self._explicit_pad:
                 modules.append(self._pad_module())

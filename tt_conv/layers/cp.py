@@ -49,10 +49,10 @@ class CPConv(FactorizedConv, factorization="cp"):
         self.spatial_factors = nn.ParameterList(
             [nn.Parameter(torch.empty(g, k, r, **factory)) for k in self.kernel_size]
         )
-        # A 1x1 kernel without stride or padding only scales each rank-one term.
+        # A 1x1 kernel without padding only scales each rank-one term (its stride, if any,
+        # goes to the first pointwise stage: see _chain_specs).
         self._spatial_stage_used = not (
-            all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)
-            and all(p == (0, 0) for p in self._pad_pairs)
+            all(k == 1 for k in self.kernel_size) and all(p == (0, 0) for p in self._pad_pairs)
         )
 
     def _factor_tensors(self) -> List[torch.Tensor]:

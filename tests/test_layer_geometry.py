@@ -153,3 +153,26 @@ def test_a_strided_pointwise_chain_subsamples_first(factorization, n_dim):
     full_rank = tt_conv.FactorizedConv.from_conv(conv, factorization=factorization,
                                                  rank=FULL_RANK)
     assert relative_error(full_rank(x), conv(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_cp_filters_large_kernels_one_axis_at_a_time(padding_mode):
+    # From 5 x 5 on, CP's chain runs one depthwise stage per spatial axis (each with that
+    # axis' stride, padding and dilation); 3 x 3 keeps one k x k depthwise stage.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 5, stride=(2, 1), padding=(2, 4), dilation=(1, 2),
+                     padding_mode=padding_mode)
+    layer = tt_conv.FactorizedConv.from_conv(conv, factorization="cp", rank=3,
+                                             implementation="factorized")
+    assert [spec.kernel_size for spec in layer._chain_specs()] == [(1, 1), (5, 1), (1, 5), (1, 1)]
+    x = torch.randn(2, 6, 11, 10)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        layer(x)
+    assert layer.flops(tuple(x.shape), "factorized") == counter.get_total_flops()
+    assert_all_paths_match(conv, "cp", x)
+    small = tt_conv.FactorizedConv.from_conv(nn.Conv2d(6, 8, 3, padding=1), factorization="cp",
+                                             rank=3)
+    assert [spec.kernel_size for spec in small._chain_specs()] == [(1, 1), (3, 3), (1, 1)]

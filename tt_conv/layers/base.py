@@ -121,6 +121,7 @@ class FactorizedConv(nn.Module):
     _pad: List[int]
     _pad_mode: str
     _explicit_pad: bool
+    _strided_pointwise: bool
     _conv_padding: List[int]
     _factorized: bool
     _stage_stride: List[List[int]]
@@ -213,6 +214,10 @@ class FactorizedConv(nn.Module):
         self._pad = torch_pad_argument(pairs)
         self._pad_mode = "constant" if padding_mode == "zeros" else padding_mode
         self._conv_padding = [0] * n_dim if self._explicit_pad else [a for a, _ in pairs]
+        # A 1 x 1 kernel with a stride and no padding subsamples, then mixes channels.
+        self._strided_pointwise = (all(k == 1 for k in self.kernel_size)
+                                   and any(s > 1 for s in self.stride)
+                                   and all(p == (0, 0) for p in pairs))
 
         self.rank = resolve_rank(self.factorization, self.group_kernel_shape, rank)
         factory = {"device": device, "dtype": dtype}
@@ -265,12 +270,6 @@ class FactorizedConv(nn.Module):
 
     def _stage_specs(self) -> List[StageSpec]:
         raise NotImplementedError
-
-    @property
-    def _strided_pointwise(self) -> bool:
-        """A 1 x 1 kernel with a stride and no padding: it subsamples, then mixes channels."""
-        return (all(k == 1 for k in self.kernel_size) and any(s > 1 for s in self.stride)
-                and all(p == (0, 0) for p in self._pad_pairs))
 
     def _chain_specs(self) -> List[StageSpec]:
         """:meth:`_stage_specs` as the chain runs them.

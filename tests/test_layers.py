@@ -392,3 +392,17 @@ def test_a_model_moves_to_channels_last_with_every_factorization(n_dim, memory_f
     model.to(memory_format=memory_format)
     torch.testing.assert_close(model(x.contiguous(memory_format=memory_format)), reference,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_meta_layers_are_not_drawn(monkeypatch):
+    FactorizedConv = tt_conv.FactorizedConv
+    # The budgets build hundreds of parameter-free (meta) layers to count FLOPs: drawing
+    # their random factors cost 4 ms each and gave nothing.
+    calls = []
+    monkeypatch.setattr(FactorizedConv, "reset_parameters", lambda self: calls.append(self))
+    FactorizedConv.class_for("tucker")(32, 32, 3, rank=(8, 8), device="meta")
+    with torch.device("meta"):
+        FactorizedConv.class_for("cp")(32, 32, 3, rank=4)
+    assert calls == []
+    FactorizedConv.class_for("tt")(32, 32, 3, rank=4)
+    assert len(calls) == 1

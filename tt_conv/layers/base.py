@@ -226,7 +226,10 @@ class FactorizedConv(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
             self.register_parameter("bias", None)
-        self.reset_parameters()
+        if not any(p.is_meta for p in self.parameters()):
+            # Meta tensors hold no values: drawing them only costs time (PyTorch runs its
+            # Python reference of normal_ there; the budgets' FLOP counts build hundreds).
+            self.reset_parameters()
 
         stages = self._chain_specs()
         self._stage_stride = [list(s.stride) for s in stages]

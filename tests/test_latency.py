@@ -237,7 +237,7 @@ def test_a_whole_model_is_timed_channels_last_like_its_layers(monkeypatch):
     assert model.seen == set()  # a copy ran, not the model itself
     assert not model.conv.weight.is_contiguous(memory_format=torch.channels_last)
     timed = []
-    monkeypatch.setattr(B, "measure_seconds", lambda module, example: timed.append(
+    monkeypatch.setattr(B, "measure_seconds", lambda module, example, **options: timed.append(
         (module, example)) or 1.0)
     B.measure_model_seconds(model, (torch.randn(2, 8, 10, 10),))
     module, example = timed[0]

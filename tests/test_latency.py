@@ -149,6 +149,32 @@ def test_latency_plan_corrects_the_share_and_keeps_the_largest_that_held(monkeyp
     assert (plan.result, plan.model_after, plan.held_share) == ("third", 0.48, 0.4)
 
 
+def test_a_corrected_share_below_the_least_ranks_keeps_the_model_measured(monkeypatch):
+    # The first allocation is measured over the target, and the smaller share the plan tries
+    # next is below what rank 1 everywhere allows: compress returns the model it measured
+    # (with the warning that the target was not held) instead of failing after the fact.
+    C = importlib.import_module("tt_conv.compress")
+    real_plan = C.plan_global_budget
+    # Every model, dense or compressed, "takes" the same time: always over the target.
+    monkeypatch.setattr(C, "measure_model_seconds", lambda model, inputs: 1e-9)
+    plans = []
+
+    def plan(jobs, fraction=None):
+        plans.append(fraction)
+        if len(plans) > 1:
+            raise B.InfeasibleBudget("below the least ranks", "what rank 1 everywhere allows")
+        return real_plan(jobs, 1.0)  # a first allocation that exists whatever the timings
+
+    monkeypatch.setattr(C, "plan_global_budget", plan)
+    with pytest.warns(UserWarning, match="the target was not held"):
+        model, report = tt_conv.compress(make_cnn(), "tucker", {"latency": 0.5},
+                                         input_shape=SHAPE, progress=False)
+    assert len(plans) == 2 and plans[1] > 0
+    assert report.model_latency_after == 1e-9
+    x = torch.randn(SHAPE)
+    assert model(x).shape == make_cnn()(x).shape
+
+
 class _AutocastProbe(nn.Module):
     """Records the CPU autocast state its forward runs under."""
 

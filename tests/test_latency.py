@@ -175,22 +175,28 @@ def test_a_corrected_share_below_the_least_ranks_keeps_the_model_measured(monkey
     assert model(x).shape == make_cnn()(x).shape
 
 
-class _AutocastProbe(nn.Module):
-    """Records the CPU autocast state its forward runs under."""
+class _Probe(nn.Module):
+    """One convolution whose forward records ``record(x, conv)`` in ``seen``."""
 
-    def __init__(self):
+    def __init__(self, channels, record):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
+        self.conv = nn.Conv2d(channels, channels, 3)
+        self.record = record
         self.seen = set()
 
     def forward(self, x):
-        enabled = torch.is_autocast_enabled("cpu")
-        self.seen.add(torch.get_autocast_dtype("cpu") if enabled else None)
+        self.seen.add(self.record(x, self.conv))
         return self.conv(x)
 
 
+def _autocast_probe():
+    """Records the CPU autocast state its forward runs under."""
+    return _Probe(3, lambda x, conv: torch.get_autocast_dtype("cpu")
+                  if torch.is_autocast_enabled("cpu") else None)
+
+
 def test_measurements_run_under_the_autocast_asked_for():
-    probe = _AutocastProbe()
+    probe = _autocast_probe()
     B.measure_seconds(probe, torch.randn(1, 3, 8, 8))
     assert probe.seen == {None}
     probe.seen.clear()
@@ -241,24 +247,17 @@ def test_a_latency_budget_under_bf16_autocast_is_measured_under_it():
         tt_conv.compress(model, "tucker", 0.5, autocast="int8", progress=False)
 
 
-class _LayoutProbe(nn.Module):
+def _layout_probe():
     """Records the memory layout of its input and weight."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(8, 8, 3)
-        self.seen = set()
-
-    def forward(self, x):
-        self.seen.add((x.is_contiguous(memory_format=torch.channels_last),
-                       self.conv.weight.is_contiguous(memory_format=torch.channels_last)))
-        return self.conv(x)
+    return _Probe(8, lambda x, conv: (x.is_contiguous(memory_format=torch.channels_last),
+                                      conv.weight.is_contiguous(
+                                          memory_format=torch.channels_last)))
 
 
 def test_a_whole_model_is_timed_channels_last_like_its_layers(monkeypatch):
     # Its layers are timed on channels-last inputs (example_input); the model must be too,
     # or NCHW's slower convolutions count as "other operations" (6x under emulated bf16).
-    model = _LayoutProbe()
+    model = _layout_probe()
     B.measure_model_seconds(model, (torch.randn(2, 8, 10, 10),))
     assert model.seen == set()  # a copy ran, not the model itself
     assert not model.conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -645,7 +645,8 @@ def tucker(
 
     factors = [
         torch.eye(tensor.shape[m], dtype=tensor.dtype, device=tensor.device) if full[m]
-        else _leading_singular(unfold_mode(tensor, m), rank[m], False)[0] for m in modes
+        else _leading_singular(unfold_mode(tensor, m), rank[m], right_vectors=False)[0]
+        for m in modes
     ]
     matrix_like = sum(n > 1 for m, n in enumerate(tensor.shape) if m not in modes) == 0 \
         and len(modes) == 2
@@ -659,7 +660,8 @@ def tucker(
                 continue
             others = [j for j in modes if j != m and not full[j]]
             projected = _projected_unfolding(tensor, m, others, factors)
-            factors[m], singular = _leading_singular(projected, rank[m], False)[:2]
+            factors[m], singular = _leading_singular(projected, rank[m],
+                                                     right_vectors=False)[:2]
             kept = float(torch.sum(singular * singular))
         # The core of the last update is U_m^T times that projection: its norm is the sum of
         # the kept squared singular values, so the error needs no projection of its own.

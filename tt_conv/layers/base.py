@@ -121,7 +121,7 @@ class FactorizedConv(nn.Module):
     _pad: List[int]
     _pad_mode: str
     _explicit_pad: bool
-    _strided_pointwise: bool
+    _pointwise_kernel: bool
     _conv_padding: List[int]
     _factorized: bool
     _stage_stride: List[List[int]]
@@ -214,10 +214,9 @@ class FactorizedConv(nn.Module):
         self._pad = torch_pad_argument(pairs)
         self._pad_mode = "constant" if padding_mode == "zeros" else padding_mode
         self._conv_padding = [0] * n_dim if self._explicit_pad else [a for a, _ in pairs]
-        # A 1 x 1 kernel with a stride and no padding subsamples, then mixes channels.
-        self._strided_pointwise = (all(k == 1 for k in self.kernel_size)
-                                   and any(s > 1 for s in self.stride)
-                                   and all(p == (0, 0) for p in pairs))
+        # A 1 x 1 kernel without padding only mixes channels (and subsamples, if strided).
+        self._pointwise_kernel = (all(k == 1 for k in self.kernel_size)
+                                  and all(p == (0, 0) for p in pairs))
 
         self.rank = resolve_rank(self.factorization, self.group_kernel_shape, rank)
         factory = {"device": device, "dtype": dtype}
@@ -283,7 +282,7 @@ class FactorizedConv(nn.Module):
         first stage on four times the pixels it needed).
         """
         stages = self._stage_specs()
-        if not self._strided_pointwise:
+        if not (self._pointwise_kernel and any(s > 1 for s in self.stride)):
             return stages
         ones = (1,) * self.n_dim
         return [StageSpec(s.in_channels, s.out_channels, s.kernel_size,
@@ -597,10 +596,14 @@ class FactorizedConv(nn.Module):
         this layer (CP's depthwise stage is exported as one depthwise convolution per
         spatial axis).
         """
+        return self._sequential(self._chain_specs(), self.stage_weights())
+
+    def _sequential(self, specs: List[StageSpec], weights: List[torch.Tensor]) -> nn.Sequential:
+        """Plain convolutions with the geometry of ``specs`` holding ``weights`` (the padding
+        module before the second, the bias on the last)."""
         conv_class = self._dense_conv_class()
-        weights = [w.detach() for w in self.stage_weights()]
+        weights = [w.detach() for w in weights]
         modules: List[nn.Module] = []
-        specs = self._chain_specs()
         for i, (spec, weight) in enumerate(zip(specs, weights)):
             if i == 1 and self._explicit_pad:
                 modules.append(self._pad_module())

@@ -36,9 +36,8 @@ class CPConv(FactorizedConv, factorization="cp"):
     one-dimensional ones, but depthwise convolutions are bound by memory traffic, so for
     small kernels (3 x 3) one pass over the activations is as fast as ``d``. From
     ``prod(k) >= 2 sum(k)`` on (5 x 5, 7 x 7, 3 x 3 x 3) the chain filters along one axis at
-    a time, each stage with that axis' stride, padding and dilation: ResNet-50's 7 x 7 stem
-    at rank 20 ran in 9.4 ms instead of 11.3 ms, a 5 x 5 layer (64 channels, 56 x 56, rank
-    40) in 2.8 ms instead of 4.2 ms (batch 8, 2 cores, channels-last; 3 x 3: the same).
+    a time, each stage with that axis' stride, padding and dilation, which measured faster
+    there on a 2-core CPU (batch 8, channels-last); 3 x 3 measured the same both ways.
     """
 
     _spatial_stage_used: bool
@@ -56,9 +55,7 @@ class CPConv(FactorizedConv, factorization="cp"):
         )
         # A 1x1 kernel without padding only scales each rank-one term (its stride, if any,
         # goes to the first pointwise stage: see _chain_specs).
-        self._spatial_stage_used = not (
-            all(k == 1 for k in self.kernel_size) and all(p == (0, 0) for p in self._pad_pairs)
-        )
+        self._spatial_stage_used = not self._pointwise_kernel
         # Whether the chain filters along one spatial axis at a time (see Notes).
         self._separable_stages = (
             self._spatial_stage_used and sum(k > 1 for k in self.kernel_size) > 1
@@ -92,9 +89,13 @@ class CPConv(FactorizedConv, factorization="cp"):
         return 2 * self.groups * out_g * self.rank[0] * in_g * math.prod(self.kernel_size)
 
     def _stage_specs(self) -> List[StageSpec]:
+        return self._stages(self._separable_stages)
+
+    def _stages(self, separable: bool) -> List[StageSpec]:
+        """The chain's stages, its depthwise stage one per spatial axis if ``separable``."""
         g, r = self.groups, self.rank[0]
         stages = [self._pointwise_stage(self.in_channels, g * r, g)]
-        if self._separable_stages:
+        if separable:
             stages += [self._spatial_stage(axis, g * r, g * r, g * r)
                        for axis in range(self.n_dim)]
         elif self._spatial_stage_used:
@@ -103,22 +104,25 @@ class CPConv(FactorizedConv, factorization="cp"):
         return stages
 
     def stage_weights(self) -> List[torch.Tensor]:
+        return self._weights(self._separable_stages)
+
+    def _weights(self, separable: bool) -> List[torch.Tensor]:
+        """The weights of :meth:`_stages` ``(separable)``, in execution order."""
         g, r = self.groups, self.rank[0]
         ones = self._pointwise_shape()
         in_factor = self.in_factor
-        weights: List[torch.Tensor] = []
-        if self._separable_stages:
-            weights.append(in_factor.transpose(1, 2).reshape([g * r, self._group_shape[1]] + ones))
+        spatial: List[torch.Tensor] = []
+        if separable:
             for axis, factor in enumerate(self.spatial_factors):
                 shape = self._axis_tuple(axis, self.kernel_size[axis], 1)
-                weights.append(factor.transpose(1, 2).reshape([g * r, 1] + shape))
+                spatial.append(factor.transpose(1, 2).reshape([g * r, 1] + shape))
         elif self._spatial_stage_used:
-            filters = self.spatial_filters()
-            weights.append(in_factor.transpose(1, 2).reshape([g * r, self._group_shape[1]] + ones))
-            weights.append(filters.transpose(1, 2).reshape([g * r, 1] + self._group_shape[2:]))
+            spatial.append(self.spatial_filters().transpose(1, 2)
+                           .reshape([g * r, 1] + self._group_shape[2:]))
         else:
             in_factor = in_factor * self.spatial_filters()
-            weights.append(in_factor.transpose(1, 2).reshape([g * r, self._group_shape[1]] + ones))
+        weights = [in_factor.transpose(1, 2).reshape([g * r, self._group_shape[1]] + ones)]
+        weights.extend(spatial)
         weights.append(self.out_factor.reshape([self.out_channels, r] + ones))
         return weights
 
@@ -130,28 +134,11 @@ class CPConv(FactorizedConv, factorization="cp"):
         exported chain stores each term's ``d`` separable vectors rather than their
         ``k_1 x ... x k_d`` product and never holds more parameters than this layer.
         """
-        chain = super().to_sequential()
         if not self._spatial_stage_used or self.n_dim == 1 or self._separable_stages:
-            return chain
-        index = 2 if self._explicit_pad else 1
-        chain[index] = self._separable_depthwise(chain[index])
-        return chain
-
-    def _separable_depthwise(self, dense: nn.Module) -> nn.Sequential:
-        g, r, d = self.groups, self.rank[0], self.n_dim
-        convs = []
-        for axis, factor in enumerate(self.spatial_factors):
-            def along(value, default):
-                return tuple(value if j == axis else default for j in range(d))
-            conv = type(dense)(
-                g * r, g * r, along(self.kernel_size[axis], 1), stride=along(dense.stride[axis], 1),
-                padding=along(dense.padding[axis], 0), dilation=along(dense.dilation[axis], 1),
-                groups=g * r, bias=False, device=factor.device, dtype=factor.dtype,
-            )
-            with torch.no_grad():
-                conv.weight.copy_(factor.detach().transpose(1, 2).reshape(conv.weight.shape))
-            convs.append(conv)
-        return nn.Sequential(*convs)
+            return super().to_sequential()
+        # The chain runs one k x k depthwise stage (as fast for small kernels); the export
+        # holds the d vectors of each term instead of their product.
+        return self._sequential(self._stages(True), self._weights(True))
 
     def _decompose_group(self, kernel: torch.Tensor, **options) -> List[torch.Tensor]:
         weights, factors = _decompose.cp(kernel, self.rank[0], **options)

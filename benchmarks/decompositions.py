@@ -16,6 +16,8 @@ a long run can be split into chunks (``--only cp``, ``--layers conv2``)::
     PYTHONPATH=. python benchmarks/decompositions.py --model crepe --json crepe.json
     PYTHONPATH=. python benchmarks/decompositions.py --model resnet50 --json r50.json \\
         --baseline r50_before.json --markdown r50.md
+    PYTHONPATH=. python benchmarks/decompositions.py --model crepe --only cp --layers conv6 \\
+        --options '{"cp": {"tol": 0.01}}' --json crepe_tol.json     # a looser stop
 
 LAPACK slows down 10-100x when another process competes for the cores: time on an
 otherwise idle machine.
@@ -67,18 +69,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--baseline", help="an earlier run's JSON to compare with")
     parser.add_argument("--markdown", help="write the tables here")
     parser.add_argument("--label", default="", help="what this run measures (code version)")
+    parser.add_argument("--options", default="{}",
+                        help="decomposition options as JSON, as compress's decomposition_options"
+                             ", e.g. '{\"cp\": {\"tol\": 0.01}}'")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as error:
+        parser.error(f"--options must be JSON such as '{{\"cp\": {{\"tol\": 0.01}}}}': {error}")
 
     results = {"rows": []}
     if args.json and os.path.exists(args.json):
         results = json.loads(Path(args.json).read_text())
-    for key, value in (("model", args.model), ("rank", args.rank), ("threads", args.threads)):
+    for key, value in (("model", args.model), ("rank", args.rank), ("threads", args.threads),
+                       ("options", options)):
         if key in results and results[key] != value:
             parser.error(f"{args.json} holds a run with {key}={results[key]!r}, not {value!r}: "
                          f"use another --json file")
     done = {(r["factorization"], r["layer"]) for r in results["rows"]}
-    results.update(model=args.model, rank=args.rank, threads=args.threads,
+    results.update(model=args.model, rank=args.rank, threads=args.threads, options=options,
                    torch=torch.__version__, machine=machine_description(),
                    label=args.label or results.get("label", ""))
     model = load_model(args.model)
@@ -92,7 +102,8 @@ def main(argv=None) -> dict:
             ranks = layer_budget_rank(conv, factorization, args.rank)
             start = time.perf_counter()
             layer = tt_conv.FactorizedConv.from_conv(conv, factorization=factorization,
-                                                     rank=ranks, implementation="factorized")
+                                                     rank=ranks, implementation="factorized",
+                                                     **options.get(factorization, {}))
             seconds = time.perf_counter() - start
             error = relative_error(layer.reconstruct_kernel(), conv.weight)
             results["rows"].append({

@@ -256,7 +256,8 @@ def _layout_probe():
 
 def test_a_whole_model_is_timed_channels_last_like_its_layers(monkeypatch):
     # Its layers are timed on channels-last inputs (example_input); the model must be too,
-    # or NCHW's slower convolutions count as "other operations" (6x under emulated bf16).
+    # or NCHW's slower convolutions count as "other operations" (several times slower under
+    # emulated bf16).
     model = _layout_probe()
     B.measure_model_seconds(model, (torch.randn(2, 8, 10, 10),))
     assert model.seen == set()  # a copy ran, not the model itself

@@ -438,8 +438,8 @@ def measure_seconds(module: torch.nn.Module, example, *, min_seconds: float = 0.
 def timed_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the layout every latency is measured in: channels-last for 4-D/5-D tensors
     without a unit spatial axis (what ``.to(memory_format=torch.channels_last)`` gives a
-    model; NCHW convolutions are slower, up to 6x under bf16 on CPUs without AMX), else
-    as is."""
+    model; NCHW convolutions are slower, several times so under bf16 on CPUs without AMX),
+    else as is."""
     if not has_unit_spatial_axis(x):
         if x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)

@@ -197,3 +197,68 @@ def test_slice_starts_know_their_error_and_find_filterwise_low_rank_kernels():
     assert D._structured_init(tensor, 24, generator, 0)[1] <= 1e-6
     weights, factors = D.cp(tensor.float(), 24)
     assert D.relative_error(cp_tensor(factors, weights), tensor) <= 1e-5
+
+
+def _concentrated_kernel(shape, directions, noise, seed):
+    """A kernel whose last mode holds nearly all its energy in ``directions`` directions."""
+    generator = torch.Generator().manual_seed(seed)
+    core = torch.randn(*shape[:-1], directions, generator=generator, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(shape[-1], directions, generator=generator,
+                                        dtype=torch.float64)).Q
+    kernel = D.mode_product(core, basis, len(shape) - 1)
+    spread = torch.randn(shape, generator=generator, dtype=torch.float64)
+    return kernel + noise * spread * (kernel.norm() / spread.norm())
+
+
+def test_compression_keeps_the_leading_directions_and_knows_what_it_leaves_out():
+    kernel = _concentrated_kernel((20, 12, 16), 3, 0.01, seed=9)
+    bases, core, outside = D._compression(kernel, 5)
+    assert bases[0] is None and bases[1] is None  # flat spectra: kept whole
+    assert bases[2].shape[0] == 16 and 3 <= bases[2].shape[1] <= 6
+    assert outside == pytest.approx(float(kernel.norm() ** 2 - core.norm() ** 2), rel=1e-9)
+    assert outside <= D._COMPRESSION_LOSS * float(kernel.norm() ** 2)
+    # The error of factors in the subspace, measured on the projection plus what it left
+    # out, is their error on the kernel itself.
+    generator = torch.Generator().manual_seed(0)
+    factors = [torch.randn(n, 5, generator=generator, dtype=torch.float64) for n in core.shape]
+    expanded = factors[:2] + [bases[2] @ factors[2]]
+    assert D._cp_error(core, factors, outside=outside) == pytest.approx(
+        D.relative_error(cp_tensor(expanded), kernel), rel=1e-9)
+    # A rank that could represent the projection exactly keeps more directions: twice
+    # what it could represent.
+    bases, core, _ = D._compression(kernel, 40)
+    assert bases[2].shape[1] == 7 and D.max_cp_rank(core.shape) >= 80
+    assert all(b is None for b in D._compression(kernel, 100)[0])  # 16 taps could not do
+    # Nothing to gain: every mode whole.
+    flat = torch.randn(20, 12, 16, generator=generator, dtype=torch.float64)
+    bases, core, outside = D._compression(flat, 5)
+    assert all(b is None for b in bases) and core is flat and outside == 0.0
+
+
+def test_large_cp_runs_in_the_leading_subspace_and_finishes_on_the_kernel(monkeypatch):
+    # Large enough (elements x rank over _SMALL_WORK, lowered here) for ALS to run on the
+    # projection; the rank cannot fit the leading directions exactly, so what the
+    # projection leaves out is a small part of the error.
+    monkeypatch.setattr(D, "_SMALL_WORK", 1 << 20)
+    kernel = _concentrated_kernel((48, 24, 32), 6, 0.01, seed=10)
+    rank = 100
+    assert kernel.numel() * rank > D._SMALL_WORK
+    shapes = []
+    als = D._cp_als
+
+    def spy(tensor, *args):
+        shapes.append(tuple(tensor.shape))
+        return als(tensor, *args)
+
+    monkeypatch.setattr(D, "_cp_als", spy)
+    weights, factors = D.cp(kernel, rank)
+    compressed = D.relative_error(cp_tensor(factors, weights), kernel)
+    assert [f.shape for f in factors] == [(n, rank) for n in kernel.shape]
+    # ALS ran on the projection (modes sorted by size, the 32 taps cut below 24) ...
+    assert all(s[0] == 48 and s[1] == 24 and s[2] < 24 for s in shapes[:-1]), shapes
+    assert shapes[-1] == (48, 24, 32)  # ... and its last stage on the kernel itself
+    shapes.clear()
+    monkeypatch.setattr(D, "_COMPRESSION_LOSS", 0.0)  # nothing may be left out
+    weights, factors = D.cp(kernel, rank)
+    assert all(s == (48, 32, 24) for s in shapes)
+    assert compressed <= 1.01 * D.relative_error(cp_tensor(factors, weights), kernel)

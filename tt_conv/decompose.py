@@ -139,7 +139,9 @@ def cp(
     tol : float
         A stage ends when a sweep changes the relative error by less than ``tol`` times
         itself. The default stops once sweeps gain less than 0.1 %; ``1e-4`` lowers the
-        error of trained kernels by a further 1-3 % for about three times the sweeps.
+        error of trained kernels by a further 1-3 % for about three times the sweeps, and
+        ``1e-2`` stops slowly converging kernels after a fraction of the sweeps, a few
+        percent higher.
     init : {"structured", "svd", "random"} or (weights, factors)
         Starting point: the orthogonal expansion above, TensorLy's SVD or random
         initialisation, or a given CP decomposition.

@@ -262,3 +262,28 @@ def test_large_cp_runs_in_the_leading_subspace_and_finishes_on_the_kernel(monkey
     weights, factors = D.cp(kernel, rank)
     assert all(s == (48, 32, 24) for s in shapes)
     assert compressed <= 1.01 * D.relative_error(cp_tensor(factors, weights), kernel)
+
+
+@pytest.mark.parametrize("init", ["given", "structured", "svd", "random"])
+def test_projected_cp_accepts_every_init_and_keeps_unit_modes(monkeypatch, init):
+    # An exactly rank-5 kernel whose 32 taps span 3 directions, with a unit mode: ALS runs
+    # on its projection (5 x 5 x 3: every mode spans only what the rank needs; the given
+    # factors are projected too) and the factors come back whole, unit mode included.
+    monkeypatch.setattr(D, "_SMALL_WORK", 1 << 10)
+    generator = torch.Generator().manual_seed(11)
+    a, b = (torch.randn(n, 5, generator=generator, dtype=torch.float64) for n in (48, 24))
+    taps = torch.linalg.qr(torch.randn(32, 3, generator=generator, dtype=torch.float64)).Q
+    c = taps @ torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    ones = torch.ones(1, 5, dtype=torch.float64)
+    kernel = cp_tensor([a, b, ones, c])  # (48, 24, 1, 32)
+    bases = D._compression(kernel.reshape(48, 24, 32), 5)[0]
+    assert [basis.shape for basis in bases] == [(48, 5), (24, 5), (32, 3)]
+    start = (torch.ones(5, dtype=torch.float64), [a, b, 2 * ones, c / 2]) if init == "given" \
+        else init
+    weights, factors = D.cp(kernel, 5, init=start)
+    assert [f.shape for f in factors] == [(48, 5), (24, 5), (1, 5), (32, 5)]
+    # Exact from the exact factors and from the orthogonal starts (which the same kernel
+    # unprojected does not reach: 0.17 and 0.33); a random start may stall in a swamp, but
+    # factors mapped back wrongly would be off by the kernel's whole size.
+    bound = {"given": 1e-6, "structured": 1e-4, "svd": 1e-4, "random": 0.5}[init]
+    assert D.relative_error(cp_tensor(factors, weights), kernel) <= bound

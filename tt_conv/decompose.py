@@ -11,8 +11,9 @@ per mode and ``partial_tucker`` an SVD of each long unfolding, which made factor
 convolution of a ResNet-50 take minutes. On large kernels (a 512 x 256 x 64 layer at rank
 2,517) ALS forms its products block by block (:data:`_BLOCK_ELEMENTS`), runs on the kernel's
 projection onto the leading directions of its concentrated modes before finishing on the
-kernel, and starts from the closest of three orthogonal expansions (see :func:`cp`). The tests check both against
-TensorLy (same Tucker subspaces; CP errors no larger than ``parafac``'s).
+kernel, and starts from the closest of three orthogonal expansions (see :func:`cp`). The
+tests check both against TensorLy (same Tucker subspaces; CP errors no larger than
+``parafac``'s).
 ``benchmarks/decompositions.py`` times every factorization of real networks layer by layer.
 """
 

@@ -100,7 +100,7 @@ def build_paths(args, conv: nn.Module, input_shape) -> List[BenchPath]:
             layer.set_implementation(implementation)
             paths.append(BenchPath(f"tt-conv {factorization} {implementation}", "tt-conv",
                                factorization, implementation, layer,
-                               layer.flops(input_shape, implementation)))
+                               layer.flops(input_shape, implementation, autograd=True)))
         rank = tltorch_rank(ours)
         implementations = ["factorized", "reconstructed"] + (["mobilenet"] if factorization == "cp" else [])
         start = time.perf_counter()

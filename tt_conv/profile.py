@@ -153,8 +153,11 @@ def conv_input_shapes(model: nn.Module, inputs: Inputs) -> Dict[str, Tuple[int, 
 def model_flops(model: nn.Module, inputs: Inputs) -> int:
     """Total FLOPs of one forward pass of ``model`` on ``inputs`` (torch.utils.flop_counter).
 
-    Runs in evaluation mode without gradients; the model's training mode is restored.
+    Runs in evaluation mode without gradients; the model's training mode is restored. A
+    first pass goes uncounted: factorized layers form the weights they keep outside
+    autograd on it (see :meth:`tt_conv.FactorizedConv.flops`), so the count is every pass's.
     """
+    inference_pass(model, inputs)
     counter = FlopCounterMode(display=False)
     inference_pass(model, inputs, context=counter)
     return int(counter.get_total_flops())

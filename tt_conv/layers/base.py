@@ -14,6 +14,7 @@ their stages are; everything else (geometry, padding, export, FLOPs) lives here 
 """
 
 
+import contextlib
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
@@ -33,6 +34,7 @@ from .._geometry import (
 )
 from .._checks import check_factorization, check_finite
 from ..rank import resolve_rank
+from ._chain import merge_flops, merge_stage_weights, merged_specs, pointwise_runs
 
 IMPLEMENTATIONS = ("auto", "factorized", "reconstructed")
 
@@ -128,6 +130,9 @@ class FactorizedConv(nn.Module):
     _stage_padding: List[List[int]]
     _stage_dilation: List[List[int]]
     _stage_groups: List[int]
+    _chain_groups: List[int]
+    _runs: List[Tuple[int, int]]
+    _merging: bool
     _channels_last_chain: bool
     #: Whether the factorized chain runs on channels-last activations (2-D and 3-D).
     channels_last_chain = True
@@ -230,7 +235,14 @@ class FactorizedConv(nn.Module):
             # Python reference of normal_ there; the budgets' FLOP counts build hundreds).
             self.reset_parameters()
 
-        stages = self._chain_specs()
+        chain = self._chain_specs()
+        # Consecutive 1 x 1 stages run as one convolution where that is cheaper (see
+        # _chain); the explicit padding goes before the second stage, which stays apart.
+        self._runs = pointwise_runs(chain, _ACTIVATION_COST, first_alone=self._explicit_pad)
+        self._merging = any(stop - start > 1 for start, stop in self._runs)
+        self._chain_groups = [s.groups for s in chain]
+        self._inference_cache = None
+        stages = self._executed_specs()
         self._stage_stride = [list(s.stride) for s in stages]
         self._stage_padding = [list(s.padding) for s in stages]
         self._stage_dilation = [list(s.dilation) for s in stages]
@@ -267,8 +279,8 @@ class FactorizedConv(nn.Module):
         raise NotImplementedError
 
     def _stage_weight_flops(self) -> int:
-        """FLOPs spent building the stage weights (0 unless a subclass uses matmuls)."""
-        return 0
+        """FLOPs spent forming the executed stage weights (the merged 1 x 1 products)."""
+        return merge_flops(self._chain_specs(), self._runs)
 
     def _stage_specs(self) -> List[StageSpec]:
         raise NotImplementedError
@@ -292,6 +304,11 @@ class FactorizedConv(nn.Module):
     def stage_weights(self) -> List[torch.Tensor]:
         """The weights of the factorized chain's convolutions, in execution order."""
         raise NotImplementedError
+
+    def _executed_specs(self) -> List[StageSpec]:
+        """The convolutions the factorized forward runs: :meth:`_chain_specs` with each
+        run of merged pointwise stages as one."""
+        return merged_specs(self._chain_specs(), self._runs, StageSpec)
 
     def _decompose_group(self, kernel: torch.Tensor, **options) -> List[torch.Tensor]:
         """Factors of one group's kernel, in the order of :meth:`_factor_tensors`."""
@@ -453,7 +470,7 @@ class FactorizedConv(nn.Module):
                 x = x.contiguous(memory_format=torch.channels_last)
             elif x.dim() == 5:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-        weights = self.stage_weights()
+        weights, last_bias = self._executed_weights()
         last = len(weights) - 1
         for i, weight in enumerate(weights):
             # The first stage is pointwise and bias-free, so padding after it is exact for
@@ -465,15 +482,85 @@ class FactorizedConv(nn.Module):
                 # CPU convolution was seen to read memory it never wrote (NaN outputs now
                 # and then; see docs/user_guide/layers.rst): such stages run contiguous.
                 x = x.contiguous()
-            bias = self.bias if i == last else None
+            bias = last_bias if i == last else None
             x = conv_nd(x, weight, bias, self._stage_stride[i], self._stage_padding[i],
                         self._stage_dilation[i], self._stage_groups[i])
         return x
 
+    def _executed_weights(self) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+        """The factorized chain's weights and the bias of its last stage."""
+        if torch.jit.is_scripting():
+            return self._formed_weights(), self.bias
+        return self._kept(False)
+
+    def _reconstructed_weights(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The reconstructed kernel and the bias."""
+        if torch.jit.is_scripting():
+            return self.reconstruct_kernel(), self.bias
+        weights, bias = self._kept(True)
+        return weights[0], bias
+
+    def _formed_weights(self) -> List[torch.Tensor]:
+        if not self._merging:
+            return self.stage_weights()
+        return merge_stage_weights(self.stage_weights(), self._runs, self._chain_groups)
+
+    @torch.jit.unused
+    def _kept(self, reconstructed: bool
+              ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+        """The weights the forward convolves with, kept while the factors stay as they are.
+
+        Forming them costs reshapes, copies and matrix products over the factors on every
+        call (merging a late 1 x 1 layer's stages costs more, at batch 1, than the stage it
+        saves; rebuilding a kernel costs more than convolving with it), and under autocast
+        the convolutions cast each one again. Outside autograd they are formed once, cast
+        to the autocast dtype if one is active, and formed again only when a factor or the
+        bias is changed (its version counter), replaced or moved, or the autocast dtype
+        changes. Under autograd, or inside ``torch.compile``, they are formed on every call.
+        """
+        tensors = [*self._factor_tensors()] + ([] if self.bias is None else [self.bias])
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled()
+                                              and any(t.requires_grad for t in tensors)):
+            weights = [self.reconstruct_kernel()] if reconstructed else self._formed_weights()
+            return weights, self.bias
+        device = tensors[0].device.type
+        cast = _autocast_dtype(device)
+        try:
+            key = (reconstructed, cast,
+                   tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+        except RuntimeError:  # inference tensors keep no version counter: nothing to key on
+            key = None
+        if key is not None and self._inference_cache is not None \
+                and self._inference_cache[0] == key:
+            return self._inference_cache[1]
+        # Formed in the factors' dtype (a product formed under autocast would be reused
+        # outside it), then cast as the convolutions under autocast would cast them.
+        context = (torch.autocast(device, enabled=False) if cast is not None
+                   else contextlib.nullcontext())
+        with context, torch.no_grad():
+            weights = [self.reconstruct_kernel()] if reconstructed else self._formed_weights()
+            bias = self.bias
+            if cast is not None:
+                weights = [w.to(cast) for w in weights]
+                bias = None if bias is None else bias.to(cast)
+        kept = (weights, bias)
+        self._inference_cache = None if key is None else (key, kept)
+        return kept
+
+    def _apply(self, fn, recurse=True):
+        self._inference_cache = None  # the factors move or change dtype
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_inference_cache"] = None
+        return state
+
     def _forward_reconstructed(self, x: torch.Tensor) -> torch.Tensor:
         if self._explicit_pad:
             x = F.pad(x, self._pad, mode=self._pad_mode)
-        return conv_nd(x, self.reconstruct_kernel(), self.bias, list(self.stride),
+        kernel, bias = self._reconstructed_weights()
+        return conv_nd(x, kernel, bias, list(self.stride),
                        self._conv_padding, list(self.dilation), self.groups)
 
     # ------------------------------------------------------------------ cost
@@ -496,7 +583,7 @@ class FactorizedConv(nn.Module):
     def _stage_sizes(self, spatial: Sequence[int]) -> List[Tuple[int, ...]]:
         """Spatial size at the input of each stage, and at the output of the last."""
         sizes = [tuple(spatial)]
-        for i, spec in enumerate(self._chain_specs()):
+        for i, spec in enumerate(self._executed_specs()):
             size = sizes[-1]
             if i == 1 and self._explicit_pad:
                 size = tuple(n + a + b for n, (a, b) in zip(size, self._pad_pairs))
@@ -510,11 +597,15 @@ class FactorizedConv(nn.Module):
         out = output_size(spatial, self._pad_pairs, self.kernel_size, self.stride, self.dilation)
         return (batch, self.out_channels, *out)
 
-    def flops(self, input_shape: Sequence[int], implementation: Optional[str] = None) -> int:
+    def flops(self, input_shape: Sequence[int], implementation: Optional[str] = None,
+              autograd: bool = False) -> int:
         """FLOPs of one forward pass, as :mod:`torch.utils.flop_counter` counts them.
 
-        Two per multiply-add of every convolution and matrix product (kernel reconstruction
-        included); bias additions, padding and elementwise products are not counted.
+        Two per multiply-add of every convolution and matrix product; bias additions,
+        padding and elementwise products are not counted. Outside autograd a layer keeps the
+        weights it convolves with (the reconstructed kernel, the products merging
+        consecutive 1 x 1 stages) until its factors change, so a pass costs its convolutions
+        alone; under autograd every call forms them again (``autograd=True`` counts that).
 
         Parameters
         ----------
@@ -522,6 +613,8 @@ class FactorizedConv(nn.Module):
             ``(batch, channels, *spatial)`` or ``(channels, *spatial)``.
         implementation : {None, "factorized", "reconstructed", "dense"}
             Defaults to the layer's own; ``"dense"`` is the plain convolution alone.
+        autograd : bool
+            Count a call under autograd (a training step's forward).
         """
         batch, spatial = self._input_shape(input_shape)
         implementation = implementation or self.implementation
@@ -531,15 +624,15 @@ class FactorizedConv(nn.Module):
         if implementation == "dense":
             return dense
         if implementation == "reconstructed":
-            return dense + self._reconstruction_flops()
+            return dense + (self._reconstruction_flops() if autograd else 0)
         if implementation != "factorized":
             raise ValueError(
                 f"implementation must be 'factorized', 'reconstructed' or 'dense', got "
                 f"{implementation!r}"
             )
         sizes = self._stage_sizes(spatial)
-        total = self._stage_weight_flops()
-        for spec, size in zip(self._chain_specs(), sizes[1:]):
+        total = self._stage_weight_flops() if autograd else 0
+        for spec, size in zip(self._executed_specs(), sizes[1:]):
             total += conv_flops(batch, spec.out_channels, spec.in_channels // spec.groups,
                                 spec.kernel_size, size)
         return total
@@ -560,7 +653,7 @@ class FactorizedConv(nn.Module):
             return macs + _ACTIVATION_COST * traffic + self._reconstruction_flops() / 2
         sizes = self._stage_sizes(spatial)
         cost = self._stage_weight_flops() / 2
-        for spec, size_in, size_out in zip(self._chain_specs(), sizes[:-1], sizes[1:]):
+        for spec, size_in, size_out in zip(self._executed_specs(), sizes[:-1], sizes[1:]):
             macs = conv_flops(1, spec.out_channels, spec.in_channels // spec.groups,
                               spec.kernel_size, size_out) / 2
             if spec.depthwise:
@@ -706,6 +799,18 @@ class FactorizedConv(nn.Module):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
         return s + f", rank={self.rank}, implementation={self.implementation!r}"
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts convolutions to on ``device_type``, or None when it is off."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # PyTorch < 2.4: one function per device type
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 def has_unit_spatial_axis(x: torch.Tensor) -> bool:

@@ -1,0 +1,174 @@
+"""What a factorized layer convolves with: merged 1 x 1 stages, and weights kept outside
+autograd (formed again when the factors change, cast once under autocast)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import tt_conv
+from tt_conv.decompose import relative_error
+
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the convolutions and matrix products a call runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.convolutions = self.products = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "convolution":
+            self.convolutions += 1
+        elif name in ("mm", "bmm", "matmul", "addmm", "baddbmm"):
+            self.products += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dense_output(layer, x):
+    """``layer``'s output computed by a plain convolution with its reconstructed kernel."""
+    with torch.no_grad():
+        return layer.to_conv()(x)
+
+
+def run(layer, x):
+    with torch.no_grad(), CountOps() as ops:
+        y = layer(x)
+    return y, ops
+
+
+@pytest.mark.parametrize("n_dim", [1, 2, 3])
+@pytest.mark.parametrize("factorization, stages", [("cp", 2), ("tucker", 2), ("tt", 2)])
+@pytest.mark.parametrize("stride, groups", [(1, 1), (2, 1), (1, 2)])
+def test_a_pointwise_kernel_runs_two_convolutions(factorization, stages, n_dim, stride, groups):
+    # Tucker's (in -> r1 -> r2 -> out) and TT's (in -> r1 -> r2 -> r3 -> out) chains of a
+    # 1 x 1 kernel hold consecutive 1 x 1 stages: they run as one, with the same output.
+    torch.manual_seed(0)
+    conv = CONVS[n_dim](16, 24, 1, stride=stride, groups=groups)
+    layer = tt_conv.FactorizedConv.from_conv(conv, factorization=factorization, rank=0.5,
+                                             implementation="factorized")
+    x = torch.randn(2, 16, *[7] * n_dim)
+    y, ops = run(layer, x)
+    assert ops.convolutions == stages
+    assert relative_error(y, dense_output(layer, x)) < 1e-5
+    assert len(layer.stage_weights()) == len(layer._chain_specs())  # the factors are unchanged
+    # to_sequential keeps the factor structure (CP folds its unit-axis factors).
+    sequential = layer.to_sequential()
+    assert sum(p.numel() for p in sequential.parameters()) <= layer.n_parameters
+    assert relative_error(sequential(x), y) < 1e-5
+
+
+def test_merging_is_chosen_by_cost_and_stays_out_of_explicit_padding():
+    # A wide middle stage is worth merging; a narrow rank between wide sides is not
+    # (in -> r -> out through a small r costs less than the in -> out product).
+    torch.manual_seed(0)
+    narrow = tt_conv.TuckerConv(256, 256, 1, rank=(8, 8))
+    assert narrow._runs in ([(0, 2), (2, 3)], [(0, 1), (1, 3)])
+    # TT of a 3 x 1 kernel: in -> r1 (1 x 1), r1 -> r2 (3 x 1), r2 -> r3 (the unit axis,
+    # 1 x 1), r3 -> out: the last two merge.
+    tall = tt_conv.TTConv(16, 16, (3, 1), padding=(1, 0), rank=(4, 4, 4))
+    assert tall._runs == [(0, 1), (1, 2), (2, 4)]
+    # With explicit padding (reflect) the first stage stays apart: the padding goes
+    # before the second stage.
+    padded = tt_conv.TTConv(16, 16, 1, padding=1, padding_mode="reflect", rank=(4, 4, 4))
+    assert padded._runs[0] == (0, 1)
+    x = torch.randn(2, 16, 6, 6)
+    for layer in (narrow, tall, padded):
+        x = torch.randn(2, layer.in_channels, 6, 6)
+        assert relative_error(run(layer, x)[0], dense_output(layer, x)) < 1e-5
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("implementation", ["factorized", "reconstructed"])
+def test_weights_are_kept_outside_autograd_and_formed_again_when_the_factors_change(
+        factorization, implementation):
+    torch.manual_seed(0)
+    layer = tt_conv.FactorizedConv.from_conv(nn.Conv2d(8, 12, 1), factorization=factorization,
+                                             rank=0.5, implementation=implementation)
+    x = torch.randn(2, 8, 5, 5)
+    first, ops = run(layer, x)
+    again, ops_again = run(layer, x)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert ops_again.products == 0  # no kernel rebuilt, no stages merged
+    assert ops_again.convolutions == (1 if implementation == "reconstructed" else 2)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        layer(x)
+    assert counter.get_total_flops() == layer.flops(tuple(x.shape))
+
+    # Changed in place (an optimiser step), loaded, moved: the output follows.
+    with torch.no_grad():
+        next(iter(layer.parameters())).mul_(2)
+    assert relative_error(run(layer, x)[0], dense_output(layer, x)) < 1e-5
+    other = tt_conv.FactorizedConv.from_conv(nn.Conv2d(8, 12, 1), factorization=factorization,
+                                             rank=tuple(layer.rank),
+                                             implementation=implementation)
+    layer.load_state_dict(other.state_dict())
+    assert relative_error(run(layer, x)[0], dense_output(other, x)) < 1e-5
+    layer.double()
+    y = run(layer, x.double())[0]
+    assert y.dtype == torch.float64
+    assert relative_error(y, dense_output(layer, x.double())) < 1e-10
+    # A copy starts without what the original kept, and computes the same.
+    clone = copy.deepcopy(layer)
+    assert clone._inference_cache is None
+    torch.testing.assert_close(run(clone, x.double())[0], y)
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+def test_under_autograd_the_weights_are_formed_on_every_call(factorization):
+    torch.manual_seed(0)
+    layer = tt_conv.FactorizedConv.from_conv(nn.Conv2d(8, 12, 1), factorization=factorization,
+                                             rank=0.5, implementation="factorized")
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        layer(x)  # keeps weights
+    layer(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+    reference = copy.deepcopy(layer)
+    reference._inference_cache = None
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.sub_(0.1 * p.grad)
+            p.grad = None
+    loss = layer(x).square().sum()  # the stepped factors, not the kept weights
+    assert relative_error(layer(x), dense_output(layer, x)) < 1e-5
+    assert not torch.equal(loss, reference(x).square().sum())
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("implementation", ["factorized", "reconstructed"])
+def test_under_bf16_autocast_the_weights_are_cast_once_and_kept_apart(factorization,
+                                                                      implementation):
+    torch.manual_seed(0)
+    layer = tt_conv.FactorizedConv.from_conv(nn.Conv2d(8, 12, 3, padding=1),
+                                             factorization=factorization, rank=0.5,
+                                             implementation=implementation)
+    x = torch.randn(2, 8, 6, 6)
+    # What autocast makes of the float32 weights (formed under autograd, a reconstructed
+    # kernel would be rebuilt in bf16: formed outside autocast here, as the layer keeps it).
+    if implementation == "reconstructed":
+        kernel = layer.reconstruct_kernel().detach()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = nn.functional.conv2d(x, kernel, layer.bias, padding=1)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = layer(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = layer(x)
+        again = layer(x)
+    assert kept.dtype == torch.bfloat16
+    torch.testing.assert_close(kept, expected.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(again, kept, rtol=0, atol=0)
+    weights, bias = layer._inference_cache[1]
+    assert all(w.dtype == torch.bfloat16 for w in weights) and bias.dtype == torch.bfloat16
+    # Outside autocast the float32 weights are formed again, not the bf16 ones reused.
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.float32
+    assert relative_error(y, dense_output(layer, x)) < 1e-5

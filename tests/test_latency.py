@@ -221,6 +221,20 @@ def test_conv_latency_is_cached_per_autocast():
     assert B.conv_latency(conv, None, None, (1, 8, 10, 10)) == plain
 
 
+def test_under_autocast_layers_are_timed_on_inputs_already_cast(monkeypatch):
+    # Inside the model a layer receives what the layer before returned, in the autocast
+    # dtype: its time must not include a cast of its input.
+    seen = []
+    monkeypatch.setattr(B, "measure_seconds", lambda module, example, **options: seen.append(
+        (example.dtype, next(module.parameters()).dtype)) or 1e-3)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    with B.timed_under_autocast(torch.bfloat16):
+        B.conv_latency(conv, None, None, (1, 8, 11, 13))
+        B.conv_latency(conv, "tucker", (2, 2), (1, 8, 11, 13), "factorized")
+    B.conv_latency(conv, None, None, (1, 8, 13, 11))
+    assert seen == [(torch.bfloat16, torch.float32)] * 2 + [(torch.float32, torch.float32)]
+
+
 def test_a_latency_budget_under_bf16_autocast_is_measured_under_it():
     # Wide layers on a large enough input: where bf16 is emulated (no AMX), a 3-channel
     # stem alone can take most of the time; with AMX, a bf16 convolution costs some 50 us

@@ -44,7 +44,8 @@ __all__ += [
 
 from . import budget, equivalent, profile
 from .compress import compress, export, parse_rank
+from .fold import fold_batch_norms
 from .report import CompressionReport, LayerReport
 
-__all__ += ["compress", "export", "parse_rank", "CompressionReport", "LayerReport", "profile",
-            "budget", "equivalent"]
+__all__ += ["compress", "export", "parse_rank", "fold_batch_norms", "CompressionReport",
+            "LayerReport", "profile", "budget", "equivalent"]

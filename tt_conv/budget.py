@@ -514,8 +514,12 @@ def conv_latency(conv, factorization: Optional[str], ranks, input_shape: Sequenc
             module = FactorizedConv.class_for(factorization)(
                 **geometry, bias=bias is not None, rank=tuple(ranks),
                 implementation=implementation, **options)
+        # Under autocast a layer inside the model receives activations already cast (the
+        # layer before returned them in the autocast dtype): timing it on float32 inputs
+        # would count a cast of its input that the model does not run.
+        input_dtype = _TIMING_AUTOCAST.get() or kernel.dtype
         _LATENCY_CACHE[key] = measure_seconds(module,
-                                              example_input(shape, kernel.device, kernel.dtype))
+                                              example_input(shape, kernel.device, input_dtype))
     return _LATENCY_CACHE[key]
 
 

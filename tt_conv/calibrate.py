@@ -173,20 +173,27 @@ def _channel_factors(layer: FactorizedConv) -> Tuple[nn.Parameter, nn.Parameter,
     raise TypeError(f"no channel factors known for {type(layer).__name__}")
 
 
-def unweight_factors(layer: FactorizedConv, inverse_root: torch.Tensor,
-                     scales: torch.Tensor) -> None:
-    """Undo :func:`weighted_kernel` on a layer decomposed from a weighted kernel."""
-    in_factor, out_factor, transposed = _channel_factors(layer)
-    groups = layer.groups
+def scale_output_channels(layer: FactorizedConv, scales: torch.Tensor) -> None:
+    """Multiply the layer's kernel by ``scales`` (one per output channel), in its output
+    factor (the bias is left as it is)."""
+    _, out_factor, transposed = _channel_factors(layer)
     with torch.no_grad():
-        fixed = torch.einsum("gji,gjr->gir", inverse_root.to(in_factor.device),
-                             in_factor.double())
-        in_factor.copy_(fixed.to(in_factor.dtype))
-        d = scales.to(out_factor.device).reshape(groups, -1)
+        d = scales.to(out_factor.device).reshape(layer.groups, -1)
         if transposed:
             out_factor.mul_(d.unsqueeze(1).to(out_factor.dtype))
         else:
             out_factor.mul_(d.unsqueeze(2).to(out_factor.dtype))
+
+
+def unweight_factors(layer: FactorizedConv, inverse_root: torch.Tensor,
+                     scales: torch.Tensor) -> None:
+    """Undo :func:`weighted_kernel` on a layer decomposed from a weighted kernel."""
+    in_factor, _, _ = _channel_factors(layer)
+    with torch.no_grad():
+        fixed = torch.einsum("gji,gjr->gir", inverse_root.to(in_factor.device),
+                             in_factor.double())
+        in_factor.copy_(fixed.to(in_factor.dtype))
+    scale_output_channels(layer, scales)
 
 
 @dataclass

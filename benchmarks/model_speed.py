@@ -107,6 +107,11 @@ def main(argv=None) -> dict:
                         help="fold the batch norms into the convolutions before them "
                              "(tt_conv.fold_batch_norms) first: the dense model and the "
                              "compressed ones (compressed from it) have none")
+    parser.add_argument("--op-shares", action="store_true",
+                        help="also profile the dense model (torch.profiler) and print the "
+                             "share of its time in convolutions, batch norms, copies (casts "
+                             "of the weights under autocast) and the rest: what bounds the "
+                             "speed-up of a model whose convolutions alone get faster")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per round")
     parser.add_argument("--threads", type=int, default=2)
@@ -164,13 +169,15 @@ def main(argv=None) -> dict:
                              "ms": seconds * 1e3, "speedup": dense_s / seconds})
                 print(f"{precision} batch {batch} {name:7s} {seconds * 1e3:9.1f} ms  "
                       f"{dense_s / seconds:5.2f}x", flush=True)
+    shares = op_shares(models["dense"], args, device) if args.op_shares else []
     results = {"machine": machine_description() if device.type == "cpu"
                else torch.cuda.get_device_name(device),
                "threads": args.threads, "torch": torch.__version__, "rank": rank,
                "compress_shape": list(shape),
                "size": args.size, "implementation": args.implementation,
                "autocast": args.autocast, "fold_batch_norms": args.fold_batch_norms,
-               "compress_seconds": compress_seconds, "refused": refused, "rows": rows}
+               "compress_seconds": compress_seconds, "refused": refused, "rows": rows,
+               "op_shares": shares}
     text = format_table(results)
     print(text)
     if args.json:
@@ -180,9 +187,46 @@ def main(argv=None) -> dict:
     return results
 
 
+#: Profiler events by what they are, for --op-shares (self CPU time).
+OP_KINDS = {"aten::mkldnn_convolution": "convolution", "aten::convolution": "convolution",
+            "aten::cudnn_convolution": "convolution", "aten::native_batch_norm": "batch norm",
+            "aten::copy_": "copies"}
+
+
+def op_shares(model, args, device) -> list:
+    """Share of the model's profiled time per kind of operation, per precision and batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    rows = []
+    for precision in args.precisions:
+        for batch in args.batches:
+            x = torch.randn(batch, 3, args.size, args.size, device=device)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), precision_context(precision, device.type):
+                model(x)
+                with profile(activities=activities) as prof:
+                    for _ in range(args.repeats):
+                        model(x)
+            times = {"convolution": 0.0, "batch norm": 0.0, "copies": 0.0, "rest": 0.0}
+            for event in prof.key_averages():
+                self_time = (event.self_device_time_total if device.type == "cuda"
+                             else event.self_cpu_time_total)
+                times[OP_KINDS.get(event.key, "rest")] += self_time
+            total = sum(times.values()) or 1.0
+            rows.append({"precision": precision, "batch": batch,
+                         **{kind: t / total for kind, t in times.items()}})
+            print(f"dense {precision} batch {batch}: " + ", ".join(
+                f"{kind} {t / total:.0%}" for kind, t in times.items()), flush=True)
+    return rows
+
+
 def format_table(results) -> str:
-    lines = [f"ResNet-50 compressed at rank={json.dumps(results['rank'])} on input "
-             f"{tuple(results['compress_shape'])}; timed at {results['size']}x{results['size']}, "
+    compressed = results["compress_seconds"] or results.get("refused")
+    lines = [(f"ResNet-50 compressed at rank={json.dumps(results['rank'])} on input "
+              f"{tuple(results['compress_shape'])}; " if compressed else "ResNet-50 (dense only); ")
+             + f"timed at {results['size']}x{results['size']}, "
              f"channels-last, inference mode, "
              f"implementation={results['implementation']!r}"
              + (f", compress timed under {results['autocast']} autocast"
@@ -198,6 +242,14 @@ def format_table(results) -> str:
                      f"{row['ms']:.1f} | {row['speedup']:.2f}x |")
     for factorization, error in results.get("refused", {}).items():
         lines.append(f"\n{factorization}: not compressed: {error}")
+    if results.get("op_shares"):
+        lines += ["", "Share of the dense model's profiled time:", "",
+                  "| precision | batch | convolution | batch norm | copies | rest |",
+                  "|---|---|---|---|---|---|"]
+        for row in results["op_shares"]:
+            lines.append(f"| {row['precision']} | {row['batch']} | "
+                         + " | ".join(f"{row[kind]:.0%}" for kind in
+                                      ("convolution", "batch norm", "copies", "rest")) + " |")
     return "\n".join(lines)
 
 

@@ -305,3 +305,13 @@ def test_an_infeasible_latency_budget_is_explained_in_the_whole_models_terms():
     assert "other operations take" in message
     assert "that cannot shrink" in message  # the depthwise one, and what rank 1 does not speed up
     assert "global latency target" not in message
+
+
+def test_each_compress_call_measures_its_own_layer_times():
+    # A latency budget weighs the dense model's time, measured in the call, against its
+    # layers' times: kept from an earlier call, on a machine whose speed drifts, they would
+    # misstate what the rest of the model takes.
+    B._LATENCY_CACHE[("stale",)] = 1.0
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    tt_conv.compress(model, "tucker", 0.5, progress=False)
+    assert ("stale",) not in B._LATENCY_CACHE

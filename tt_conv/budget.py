@@ -477,6 +477,15 @@ def measure_model_seconds(model: torch.nn.Module, inputs: Sequence[torch.Tensor]
 _LATENCY_CACHE: Dict[tuple, float] = {}
 
 
+def forget_latencies() -> None:
+    """Drop every cached :func:`conv_latency`. :func:`tt_conv.compress` does so first: a
+    latency budget sets the dense model's time, measured then, against its layers' times,
+    and on a machine whose speed drifts from minute to minute (a shared one) layer times
+    kept from an earlier call would make the rest of the model look larger or smaller
+    than it is."""
+    _LATENCY_CACHE.clear()
+
+
 def _geometry_key(geometry: dict) -> tuple:
     return tuple(sorted((k, v if not isinstance(v, list) else tuple(v))
                         for k, v in geometry.items()))
@@ -562,6 +571,7 @@ def conv_latency_fraction(fraction: float, model_seconds: float, conv_seconds: f
 __all__: List[str] = [
     "METRICS", "InfeasibleBudget", "factorized_flops", "dense_flops", "layer_cost", "layer_budget_rank",
     "GlobalLayer", "Allocation", "shared_energy_allocation", "unshrinkable_reason",
-    "measure_seconds", "example_input", "conv_latency", "measured_implementation",
+    "measure_seconds", "example_input", "conv_latency", "forget_latencies",
+    "measured_implementation",
     "conv_latency_fraction",
 ]

@@ -27,6 +27,7 @@ from .budget import (
     GlobalLayer,
     InfeasibleBudget,
     check_autocast,
+    forget_latencies,
     conv_latency,
     conv_latency_fraction,
     measure_model_seconds,
@@ -220,6 +221,7 @@ def compress(
     settings = check_settings(model, factorization, rank, overrides, fit, strict,
                               implementation, decomposition_options, progress)
     timing = check_autocast(autocast)
+    forget_latencies()  # this call's times, measured together (see forget_latencies)
     with timed_under_autocast(timing):
         compressed, report = _compress(model, settings, include, exclude, input_shape,
                                        calibration, inplace)

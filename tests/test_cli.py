@@ -57,6 +57,30 @@ def test_compress_export_loads_without_tt_conv(model_file, tmp_path):
     assert result.stdout.strip() == "torch.Size([1, 4])", result.stderr
 
 
+def test_compress_can_fold_batch_norms_for_inference(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[4].running_var.uniform_(0.5, 2)
+    path, out, plain = tmp_path / "bn.pt", tmp_path / "folded.pt", tmp_path / "plain.pt"
+    torch.save(model, path)  # in training mode, as trained: the command folds in eval mode
+    assert main(["compress", str(path), "--trust-pickle", "--rank", "0.5", "--out", str(out),
+                 "--fold-batch-norms", "--export"]) == 0
+    assert "2 batch norm(s) folded" in capsys.readouterr().out
+    assert main(["compress", str(path), "--trust-pickle", "--rank", "0.5", "--out", str(plain),
+                 "--quiet"]) == 0
+    folded = torch.load(out, weights_only=False)
+    assert not folded.training
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    unfolded = torch.load(plain, weights_only=False).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        reference = unfolded(x)
+        assert float((folded(x) - reference).norm() / reference.norm()) < 1e-5
+
+
 def test_compress_with_calibration_and_global_budget(model_file, tmp_path, capsys):
     batch = tmp_path / "batch.pt"
     torch.save(torch.randn(8, 3, 16, 16), batch)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from . import rank as R
 from .compress import compress, export
 from .equivalent import is_uninitialized_lazy
+from .fold import fold_batch_norms
 from .layers.base import conv_geometry
 from .profile import (
     conv_input_shapes,
@@ -269,6 +270,12 @@ def run_compress(args) -> int:
         )
     except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from None
+    folded = []
+    if args.fold_batch_norms:
+        try:
+            compressed, folded = fold_batch_norms(compressed.eval(), inplace=True)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
     if args.export:
         compressed = export(compressed, inplace=True)
     atomic_torch_save(compressed, args.out)
@@ -282,6 +289,8 @@ def run_compress(args) -> int:
             write_text_atomic(args.report, str(report) + "\n")
     if not args.quiet:
         print(report)
+        if args.fold_batch_norms:
+            print(f"{len(folded)} batch norm(s) folded into the convolutions before them")
         print(f"saved {'plain PyTorch' if args.export else 'tt_conv'} model to {args.out}"
               + (f", report to {args.report}" if args.report else ""))
     return 0
@@ -406,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--autocast", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="the precision the model will run in: measured times (latency "
                         "budgets, the execution choice) are taken under that autocast")
+    c.add_argument("--fold-batch-norms", action="store_true",
+                   help="for inference: fold each batch norm into the convolution before it "
+                        "(tt_conv.fold_batch_norms); the model is saved in evaluation mode")
     c.add_argument("--export", action="store_true",
                    help="save plain PyTorch modules (loads without tt_conv)")
     c.add_argument("--report", help="write the report here (.md, .json or text)")

@@ -101,6 +101,13 @@ def _total_flops(model, x):
     return counter.get_total_flops()
 
 
+def test_the_factorized_layers_take_the_mode_of_the_model():
+    for training in (False, True):
+        model = make_cnn().train(training)
+        compressed, _ = tt_conv.compress(model, "tt", 0.5, progress=False)
+        assert {m.training for m in compressed.modules()} == {training}
+
+
 def test_inplace_modifies_and_returns_the_model():
     model = make_cnn()
     compressed, _ = tt_conv.compress(model, "tucker", 0.5, inplace=True, progress=False)

@@ -38,6 +38,8 @@ def dense_output(layer, x):
 
 
 def run(layer, x):
+    """``layer``'s output in inference (evaluation mode, no gradients) and what it ran."""
+    layer.eval()
     with torch.no_grad(), CountOps() as ops:
         y = layer(x)
     return y, ops
@@ -100,6 +102,12 @@ def test_weights_are_kept_outside_autograd_and_formed_again_when_the_factors_cha
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         layer(x)
     assert counter.get_total_flops() == layer.flops(tuple(x.shape))
+    # In training mode (a no-grad pass that updates statistics, say) nothing is kept.
+    layer.train()
+    with torch.no_grad(), CountOps() as ops:
+        layer(x)
+    assert ops.products > 0 or factorization == "cp" and implementation == "factorized"
+    assert run(layer, x)[1].products == 0  # back in evaluation mode: the kept weights
 
     # Changed in place (an optimiser step), loaded, moved: the output follows.
     with torch.no_grad():
@@ -114,6 +122,12 @@ def test_weights_are_kept_outside_autograd_and_formed_again_when_the_factors_cha
     y = run(layer, x.double())[0]
     assert y.dtype == torch.float64
     assert relative_error(y, dense_output(layer, x.double())) < 1e-10
+    # A change through .data bypasses the version counter: forget_kept_weights says so.
+    with torch.no_grad():
+        next(iter(layer.parameters())).data.mul_(3)
+    layer.forget_kept_weights()
+    assert relative_error(run(layer, x.double())[0], dense_output(layer, x.double())) < 1e-10
+    y = run(layer, x.double())[0]
     # A copy starts without what the original kept, and computes the same.
     clone = copy.deepcopy(layer)
     assert clone._inference_cache is None
@@ -126,6 +140,7 @@ def test_under_autograd_the_weights_are_formed_on_every_call(factorization):
     layer = tt_conv.FactorizedConv.from_conv(nn.Conv2d(8, 12, 1), factorization=factorization,
                                              rank=0.5, implementation="factorized")
     x = torch.randn(2, 8, 5, 5)
+    layer.eval()
     with torch.no_grad():
         layer(x)  # keeps weights
     layer(x).square().sum().backward()
@@ -159,6 +174,7 @@ def test_under_bf16_autocast_the_weights_are_cast_once_and_kept_apart(factorizat
     else:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             expected = layer(x)
+    layer.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         kept = layer(x)
         again = layer(x)

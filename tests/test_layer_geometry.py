@@ -145,6 +145,7 @@ def test_a_strided_pointwise_chain_subsamples_first(factorization, n_dim):
     assert specs[0].stride == (2,) * n_dim
     assert all(spec.stride == (1,) * n_dim for spec in specs[1:])
     x = torch.randn(2, 16, *[9] * n_dim)
+    layer.eval()
     with torch.no_grad():
         layer(x)  # forms (and keeps) the products of merged 1 x 1 stages
     counter = FlopCounterMode(display=False)

@@ -232,10 +232,12 @@ def test_flops_match_torch_flop_counter(factorization, geometry):
         with FlopCounterMode(display=False) as counter:
             layer(x)  # under autograd: the kernel or the merged 1 x 1 weights formed again
         assert layer.flops(x.shape, autograd=True) == counter.get_total_flops(), implementation
+        layer.eval()
         with torch.no_grad():
             layer(x)  # forms the weights it keeps
             with FlopCounterMode(display=False) as counter:
                 layer(x)
+        layer.train()
         assert layer.flops(x.shape) == counter.get_total_flops(), implementation
     dense = layer.to_conv()
     with FlopCounterMode(display=False) as counter:

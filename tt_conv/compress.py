@@ -594,6 +594,9 @@ def factorize_layers(jobs: Sequence[Union[LayerJob, ConvEntry]], allocation, pro
 def _replaced(model: nn.Module, layers: Mapping[str, nn.Module], inplace: bool) -> nn.Module:
     target = model if inplace else copy_model(model)
     for name, layer in layers.items():
+        # The new layer takes the mode of the one it replaces (an evaluation-mode model
+        # stays in evaluation mode throughout: factorized layers keep weights only there).
+        layer.train(target.get_submodule(name).training)
         set_submodule(target, name, layer)
     return target
 

@@ -513,14 +513,15 @@ class FactorizedConv(nn.Module):
         Forming them costs reshapes, copies and matrix products over the factors on every
         call (merging a late 1 x 1 layer's stages costs more, at batch 1, than the stage it
         saves; rebuilding a kernel costs more than convolving with it), and under autocast
-        the convolutions cast each one again. Outside autograd they are formed once, cast
-        to the autocast dtype if one is active, and formed again only when a factor or the
-        bias is changed (its version counter), replaced or moved, or the autocast dtype
-        changes. Under autograd, or inside ``torch.compile``, they are formed on every call.
+        the convolutions cast each one again. In evaluation mode outside autograd they are
+        formed once, cast to the autocast dtype if one is active, and formed again only when
+        a factor or the bias is changed (its version counter), replaced or moved, or the
+        autocast dtype changes. In training mode, under autograd, or inside
+        ``torch.compile``, they are formed on every call.
         """
         tensors = [*self._factor_tensors()] + ([] if self.bias is None else [self.bias])
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled()
-                                              and any(t.requires_grad for t in tensors)):
+        if self.training or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             weights = [self.reconstruct_kernel()] if reconstructed else self._formed_weights()
             return weights, self.bias
         device = tensors[0].device.type
@@ -546,6 +547,16 @@ class FactorizedConv(nn.Module):
         kept = (weights, bias)
         self._inference_cache = None if key is None else (key, kept)
         return kept
+
+    def forget_kept_weights(self) -> None:
+        """Form the weights again on the next call.
+
+        Needed only after changing a factor in place through ``.data`` (``p.data.mul_(2)``):
+        such a change bypasses the version counter that tells the layer its factors
+        changed. Changes through the parameters themselves (an optimiser step,
+        ``load_state_dict``, ``p.copy_`` under ``torch.no_grad``) are seen.
+        """
+        self._inference_cache = None
 
     def _apply(self, fn, recurse=True):
         self._inference_cache = None  # the factors move or change dtype

@@ -287,3 +287,23 @@ def test_projected_cp_accepts_every_init_and_keeps_unit_modes(monkeypatch, init)
     # factors mapped back wrongly would be off by the kernel's whole size.
     bound = {"given": 1e-6, "structured": 1e-4, "svd": 1e-4, "random": 0.5}[init]
     assert D.relative_error(cp_tensor(factors, weights), kernel) <= bound
+
+
+def test_als_factors_never_hold_subnormal_floats():
+    # Components ALS drives towards zero shrink sweep after sweep into subnormal floats,
+    # which Intel CPUs multiply on a slow path (a pretrained kernel's CP took twice as
+    # long): entries below eps**2 of a factor's largest are zeroed, nothing else changes.
+    from tt_conv.decompose import _flush_negligible
+
+    factor = torch.tensor([[1.0, 3e-15], [2e-38, -0.5], [1e-44, 1e-13]])
+    flushed = _flush_negligible(factor.clone())
+    assert flushed.tolist() == [[1.0, 0.0], [0.0, -0.5], [0.0, pytest.approx(1e-13)]]
+    torch.manual_seed(0)
+    # A rank-2 kernel fitted at rank 6: the spare components decay towards zero.
+    a, b, c = torch.randn(32, 2), torch.randn(24, 2), torch.randn(9, 2)
+    kernel = torch.einsum("ir,jr,kr->ijk", a, b, c)
+    weights, factors = D.cp(kernel, 6, n_iter_max=300)
+    tiny = torch.finfo(torch.float32).tiny
+    assert all(not ((f != 0) & (f.abs() < tiny)).any() for f in [weights, *factors])
+    rebuilt = torch.einsum("r,ir,jr,kr->ijk", weights, *factors)
+    assert float((rebuilt - kernel).norm() / kernel.norm()) < 1e-5

@@ -188,3 +188,29 @@ def test_under_bf16_autocast_the_weights_are_cast_once_and_kept_apart(factorizat
         y = layer(x)
     assert y.dtype == torch.float32
     assert relative_error(y, dense_output(layer, x)) < 1e-5
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+def test_export_as_executed_runs_the_merged_chain(factorization):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 1),
+                          nn.ReLU(), nn.Conv2d(32, 16, (3, 1), padding=(1, 0))).eval()
+    compressed, _ = tt_conv.compress(model, factorization, 0.5, progress=False)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        reference = compressed(x)
+    for as_executed in (False, True):
+        plain = tt_conv.export(compressed, as_executed=as_executed)
+        assert not any(isinstance(m, tt_conv.FactorizedConv) for m in plain.modules())
+        with torch.no_grad(), CountOps() as ops:
+            y = plain(x)
+        assert relative_error(y, reference) < 1e-5
+        executed = sum(len(m._runs) for m in compressed.modules()
+                       if isinstance(m, tt_conv.FactorizedConv))
+        if as_executed:
+            assert ops.convolutions == executed
+        else:
+            assert ops.convolutions >= executed
+    pointwise = compressed[2]
+    assert len(pointwise.to_sequential(as_executed=True)) == 2
+    assert len(pointwise.to_sequential()) == len(pointwise._chain_specs())

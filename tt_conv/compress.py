@@ -704,12 +704,15 @@ def _shape_of(inputs) -> Tuple[int, ...]:
 # =========================================================================== export
 
 
-def export(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def export(model: nn.Module, *, inplace: bool = False, as_executed: bool = False
+           ) -> nn.Module:
     """Replace every factorized layer of ``model`` by its plain ``nn.Sequential`` chain.
 
     The result holds only standard PyTorch modules (it loads and runs without tt_conv, e.g.
     after ``torch.save``) and computes the same outputs as the factorized model, with the
-    same parameters (:meth:`tt_conv.FactorizedConv.to_sequential`).
+    same parameters (:meth:`tt_conv.FactorizedConv.to_sequential`), or with
+    ``as_executed=True`` as the factorized layers run (consecutive 1 x 1 stages merged:
+    fewer, cheaper convolutions for inference).
 
     Parameters
     ----------
@@ -718,16 +721,19 @@ def export(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         exported as its ``nn.Sequential``.
     inplace : bool
         Modify ``model`` itself instead of a deep copy.
+    as_executed : bool
+        Export each layer's chain as it executes (see
+        :meth:`tt_conv.FactorizedConv.to_sequential`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, FactorizedConv):
-        return model.to_sequential()
+        return model.to_sequential(as_executed)
     target = model if inplace else copy_model(model)
     factorized = [(name, module) for name, module in target.named_modules()
                   if isinstance(module, FactorizedConv)]
     for name, module in factorized:
-        sequential = module.to_sequential()
+        sequential = module.to_sequential(as_executed)
         sequential.train(module.training)
         set_submodule(target, name, sequential)
     return target

@@ -693,13 +693,24 @@ class FactorizedConv(nn.Module):
                 conv.bias.copy_(self.bias)
         return conv
 
-    def to_sequential(self) -> nn.Sequential:
+    def to_sequential(self, as_executed: bool = False) -> nn.Sequential:
         """The factorized chain as an ``nn.Sequential`` of plain PyTorch modules.
 
         It runs without tt_conv, computes the same output and holds as many parameters as
         this layer (CP's depthwise stage is exported as one depthwise convolution per
         spatial axis).
+
+        Parameters
+        ----------
+        as_executed : bool
+            Export the convolutions the factorized forward runs instead: consecutive 1 x 1
+            stages merged into one (Tucker's and TT's 1 x 1 layers become two
+            convolutions), CP's small depthwise stage as one. Fewer, cheaper modules for
+            inference; the parameter count can differ from the layer's.
         """
+        if as_executed:
+            with torch.no_grad():
+                return self._sequential(self._executed_specs(), self._formed_weights())
         return self._sequential(self._chain_specs(), self.stage_weights())
 
     def _sequential(self, specs: List[StageSpec], weights: List[torch.Tensor]) -> nn.Sequential:

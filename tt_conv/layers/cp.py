@@ -126,16 +126,19 @@ class CPConv(FactorizedConv, factorization="cp"):
         weights.append(self.out_factor.reshape([self.out_channels, r] + ones))
         return weights
 
-    def to_sequential(self) -> nn.Sequential:
+    def to_sequential(self, as_executed: bool = False) -> nn.Sequential:
         """The factorized chain as plain PyTorch convolutions, with this layer's parameters.
 
         The depthwise stage is exported as ``d`` one-dimensional depthwise convolutions (one
         per spatial axis, each carrying that axis' stride, padding and dilation), so the
         exported chain stores each term's ``d`` separable vectors rather than their
         ``k_1 x ... x k_d`` product and never holds more parameters than this layer.
+        ``as_executed=True`` exports the chain as it runs (see
+        :meth:`FactorizedConv.to_sequential`).
         """
-        if not self._spatial_stage_used or self.n_dim == 1 or self._separable_stages:
-            return super().to_sequential()
+        if (as_executed or not self._spatial_stage_used or self.n_dim == 1
+                or self._separable_stages):
+            return super().to_sequential(as_executed)
         # The chain runs one k x k depthwise stage (as fast for small kernels); the export
         # holds the d vectors of each term instead of their product.
         return self._sequential(self._stages(True), self._weights(True))

@@ -145,8 +145,7 @@ def test_under_autograd_the_weights_are_formed_on_every_call(factorization):
         layer(x)  # keeps weights
     layer(x).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
-    reference = copy.deepcopy(layer)
-    reference._inference_cache = None
+    reference = copy.deepcopy(layer)  # starts without the kept weights (__getstate__)
     with torch.no_grad():
         for p in layer.parameters():
             p.sub_(0.1 * p.grad)

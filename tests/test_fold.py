@@ -125,6 +125,14 @@ def test_what_cannot_be_folded_is_said():
         _, pairs = tt_conv.fold_batch_norms(standardized)
     assert pairs == []
 
+    # A re-parametrized convolution computes its weight in its forward: folding into the
+    # stored tensors would be undone (weight norm) or wrong, so it is left too.
+    normed = with_statistics(nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)))
+    with pytest.warns(UserWarning, match="'1' is left as it is: '0' \\(ParametrizedConv2d\\)"):
+        _, pairs = tt_conv.fold_batch_norms(normed)
+    assert pairs == []
+
     class Untraceable(nn.Module):
         def forward(self, x):
             return x if x.sum() > 0 else -x

@@ -594,9 +594,6 @@ def factorize_layers(jobs: Sequence[Union[LayerJob, ConvEntry]], allocation, pro
 def _replaced(model: nn.Module, layers: Mapping[str, nn.Module], inplace: bool) -> nn.Module:
     target = model if inplace else copy_model(model)
     for name, layer in layers.items():
-        # The new layer takes the mode of the one it replaces (an evaluation-mode model
-        # stays in evaluation mode throughout: factorized layers keep weights only there).
-        layer.train(target.get_submodule(name).training)
         set_submodule(target, name, layer)
     return target
 
@@ -733,7 +730,5 @@ def export(model: nn.Module, *, inplace: bool = False, as_executed: bool = False
     factorized = [(name, module) for name, module in target.named_modules()
                   if isinstance(module, FactorizedConv)]
     for name, module in factorized:
-        sequential = module.to_sequential(as_executed)
-        sequential.train(module.training)
-        set_submodule(target, name, sequential)
+        set_submodule(target, name, module.to_sequential(as_executed))
     return target

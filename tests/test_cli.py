@@ -57,6 +57,30 @@ def test_compress_export_loads_without_tt_conv(model_file, tmp_path):
     assert result.stdout.strip() == "torch.Size([1, 4])", result.stderr
 
 
+def test_compress_exports_the_chains_as_executed(tmp_path, capsys):
+    # A Tucker 1 x 1 layer runs as two convolutions (its three 1 x 1 stages, two merged):
+    # --export keeps the three, --export-as-executed saves the two; same outputs.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1))
+    path = tmp_path / "m.pt"
+    torch.save(model, path)
+    saved = {}
+    for flag in ("--export", "--export-as-executed"):
+        out = tmp_path / f"{flag.strip('-')}.pt"
+        assert main(["compress", str(path), "--trust-pickle", "--factorization", "tucker",
+                     "--rank", "0.5", "--include", "2", "--out", str(out), flag]) == 0
+        assert f"saved plain PyTorch model to {out}" in capsys.readouterr().out
+        saved[flag] = torch.load(out, weights_only=False)
+    convs = {flag: sum(isinstance(m, nn.Conv2d) for m in saved[flag][2].modules())
+             for flag in saved}
+    assert convs == {"--export": 3, "--export-as-executed": 2}
+    assert not any(type(m).__module__.startswith("tt_conv") for m in saved["--export-as-executed"].modules())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(saved["--export-as-executed"](x), saved["--export"](x),
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_compress_can_fold_batch_norms_for_inference(tmp_path, capsys):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),

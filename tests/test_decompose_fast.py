@@ -307,3 +307,37 @@ def test_als_factors_never_hold_subnormal_floats():
     assert all(not ((f != 0) & (f.abs() < tiny)).any() for f in [weights, *factors])
     rebuilt = torch.einsum("r,ir,jr,kr->ijk", weights, *factors)
     assert float((rebuilt - kernel).norm() / kernel.norm()) < 1e-5
+
+
+def test_als_returns_the_error_of_the_factors_it_returns():
+    # The schedule compares stages by the error each returns instead of contracting the
+    # kernel again: it must be the returned factors' own error, line-search step or not.
+    tensor = torch.randn(20, 12, 9, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    start, _ = D._structured_init(tensor, 15, torch.Generator().manual_seed(0))
+    for linesearch in (False, True):
+        for n_iter in (0, 1, 7):
+            factors, error = D._cp_als(tensor, start, n_iter, 1e-6, 1e-3, linesearch, 0.5)
+            assert error == pytest.approx(D._cp_error(tensor, factors, outside=0.5), rel=1e-9)
+
+
+def test_the_default_tolerance_is_looser_only_where_sweeps_are_costly(monkeypatch):
+    tensor = torch.randn(16, 12, 6, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    tolerances = []
+    als = D._cp_als
+
+    def spy(tensor, factors, n_iter, l2, tol, *args):
+        tolerances.append(tol)
+        return als(tensor, factors, n_iter, l2, tol, *args)
+
+    monkeypatch.setattr(D, "_cp_als", spy)
+
+    def stage_tolerances(**options):
+        tolerances.clear()
+        D.cp(tensor, 10, ridge=(1e-3, 1e-7), **options)
+        return set(tolerances) - {D._TOL * 1e-3, D._COSTLY_TOL * 1e-3}  # polishing stages
+
+    assert tensor.numel() * 10 <= D._COSTLY_WORK
+    assert stage_tolerances() == {D._TOL}
+    monkeypatch.setattr(D, "_COSTLY_WORK", tensor.numel() * 10 - 1)
+    assert stage_tolerances() == {D._COSTLY_TOL}
+    assert stage_tolerances(tol=1e-4) == {1e-4}  # a tolerance asked for holds everywhere

@@ -276,8 +276,9 @@ def run_compress(args) -> int:
             compressed, folded = fold_batch_norms(compressed.eval(), inplace=True)
         except ValueError as error:
             raise CommandError(str(error)) from None
-    if args.export:
-        compressed = export(compressed, inplace=True)
+    exporting = args.export or args.export_as_executed
+    if exporting:
+        compressed = export(compressed, inplace=True, as_executed=args.export_as_executed)
     atomic_torch_save(compressed, args.out)
     if args.report:
         lower = args.report.lower()
@@ -291,7 +292,7 @@ def run_compress(args) -> int:
         print(report)
         if args.fold_batch_norms:
             print(f"{len(folded)} batch norm(s) folded into the convolutions before them")
-        print(f"saved {'plain PyTorch' if args.export else 'tt_conv'} model to {args.out}"
+        print(f"saved {'plain PyTorch' if exporting else 'tt_conv'} model to {args.out}"
               + (f", report to {args.report}" if args.report else ""))
     return 0
 
@@ -419,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for inference: fold each batch norm into the convolution before it "
                         "(tt_conv.fold_batch_norms); the model is saved in evaluation mode")
     c.add_argument("--export", action="store_true",
-                   help="save plain PyTorch modules (loads without tt_conv)")
+                   help="save plain PyTorch modules (loads without tt_conv), one chain per "
+                        "factorized layer with its factors' structure and parameters")
+    c.add_argument("--export-as-executed", action="store_true",
+                   help="save plain PyTorch modules as the factorized layers run for "
+                        "inference: consecutive 1 x 1 stages merged into one convolution "
+                        "(tt_conv.export(..., as_executed=True))")
     c.add_argument("--report", help="write the report here (.md, .json or text)")
     c.add_argument("--force", action="store_true",
                    help="allow --out to be MODEL_FILE itself (replacing the input)")

@@ -25,7 +25,10 @@ Run from the repository root::
 The compressed models are built with ``implementation`` (default ``"auto"``).
 ``--fold-batch-norms`` first folds every batch norm into the convolution before it
 (:func:`tt_conv.fold_batch_norms`), as an inference deployment would: the dense model and
-the ones compressed from it run without them alike.
+the ones compressed from it run without them alike. ``--retain-freed-memory`` first calls
+:func:`tt_conv.retain_freed_memory`, so that no model page-faults its activations in on
+every pass (glibc's default returns them to the system: a fixed cost per pass that does
+not shrink with the FLOPs).
 """
 
 from __future__ import annotations
@@ -107,6 +110,10 @@ def main(argv=None) -> dict:
                         help="fold the batch norms into the convolutions before them "
                              "(tt_conv.fold_batch_norms) first: the dense model and the "
                              "compressed ones (compressed from it) have none")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="call tt_conv.retain_freed_memory() first: freed activations "
+                             "stay in the heap instead of being page-faulted in again on "
+                             "every pass (glibc; dense and compressed alike)")
     parser.add_argument("--op-shares", action="store_true",
                         help="also profile the dense model (torch.profiler) and print the "
                              "share of its time in convolutions, batch norms, copies (casts "
@@ -121,6 +128,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.retain_freed_memory:
+        tt_conv.retain_freed_memory()
 
     dense = resnet50()
     if args.fold_batch_norms:
@@ -176,6 +185,7 @@ def main(argv=None) -> dict:
                "compress_shape": list(shape),
                "size": args.size, "implementation": args.implementation,
                "autocast": args.autocast, "fold_batch_norms": args.fold_batch_norms,
+               "retain_freed_memory": args.retain_freed_memory,
                "compress_seconds": compress_seconds, "refused": refused, "rows": rows,
                "op_shares": shares}
     text = format_table(results)
@@ -233,6 +243,8 @@ def format_table(results) -> str:
                 if results.get("autocast", "fp32") != "fp32" else "")
              + (", batch norms folded into the convolutions (dense too)"
                 if results.get("fold_batch_norms") else "")
+             + (", freed memory retained (tt_conv.retain_freed_memory)"
+                if results.get("retain_freed_memory") else "")
              + f" ({results['machine']}, "
              f"{results['threads']} threads, torch {results['torch']})", "",
              "| precision | batch | model | ms per batch | speed-up over dense |",

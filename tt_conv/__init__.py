@@ -44,8 +44,9 @@ __all__ += [
 
 from . import budget, equivalent, profile
 from .compress import compress, export, parse_rank
+from .allocator import retain_freed_memory
 from .fold import fold_batch_norms
 from .report import CompressionReport, LayerReport
 
 __all__ += ["compress", "export", "parse_rank", "fold_batch_norms", "CompressionReport",
-            "LayerReport", "profile", "budget", "equivalent"]
+            "LayerReport", "profile", "budget", "equivalent", "retain_freed_memory"]

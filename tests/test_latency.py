@@ -137,7 +137,9 @@ def test_cli_reads_a_latency_rank():
 def test_latency_plan_corrects_the_share_and_keeps_the_largest_that_held(monkeypatch):
     C = importlib.import_module("tt_conv.compress")  # the module, not the function
     measured = iter([0.30, 0.60, 0.48])  # seconds of a 1 s dense model, attempt by attempt
-    monkeypatch.setattr(C, "measure_model_seconds", lambda model, inputs: next(measured))
+    dense = iter([1.0, 1.0, 1.0, 0.8])  # the dense model, measured again beside each
+    monkeypatch.setattr(C, "measure_models_side_by_side",
+                        lambda models, inputs: (next(dense), next(measured)))
     plan = C.LatencyPlan(fraction=0.5, model_before=1.0, conv_before=0.8, conv_fraction=0.3)
     probe = C.Probe(shape_inputs=torch.zeros(1), calibration=None, data_fit=False,
                     input_shapes={}, params_before=0, flops_before=None)
@@ -146,7 +148,14 @@ def test_latency_plan_corrects_the_share_and_keeps_the_largest_that_held(monkeyp
     assert plan.again("second", None, probe)         # over at 0.60: bisect
     assert plan.conv_fraction == pytest.approx(0.4)
     assert not plan.again("third", None, probe)      # held at 0.48, within 5 %: stop
-    assert (plan.result, plan.model_after, plan.held_share) == ("third", 0.48, 0.4)
+    assert (plan.result, plan.model_after, plan.dense_after, plan.held_share) == (
+        "third", 0.48, 1.0, 0.4)
+    # Held or not is decided against the dense time measured beside it, not the first one:
+    # 0.45 s is 0.45 of the first 1 s, but 0.5625 of the 0.8 s measured with it.
+    late = C.LatencyPlan(fraction=0.5, model_before=1.0, conv_before=0.8, conv_fraction=0.4)
+    measured = iter([0.45])
+    assert late.again("late", None, probe)
+    assert late.held_share is None and late.over_share == 0.4 and late.dense_after == 0.8
 
 
 def test_a_corrected_share_below_the_least_ranks_keeps_the_model_measured(monkeypatch):
@@ -157,6 +166,8 @@ def test_a_corrected_share_below_the_least_ranks_keeps_the_model_measured(monkey
     real_plan = C.plan_global_budget
     # Every model, dense or compressed, "takes" the same time: always over the target.
     monkeypatch.setattr(C, "measure_model_seconds", lambda model, inputs: 1e-9)
+    monkeypatch.setattr(C, "measure_models_side_by_side",
+                        lambda models, inputs: [1e-9 for _ in models])
     plans = []
 
     def plan(jobs, fraction=None):
@@ -287,12 +298,14 @@ def test_a_whole_model_is_timed_channels_last_like_its_layers(monkeypatch):
     assert model.seen == set()  # a copy ran, not the model itself
     assert not model.conv.weight.is_contiguous(memory_format=torch.channels_last)
     timed = []
-    monkeypatch.setattr(B, "measure_seconds", lambda module, example, **options: timed.append(
-        (module, example)) or 1.0)
+    monkeypatch.setattr(B, "measure_side_by_side", lambda modules, example, **options:
+                        timed.append((modules, example)) or [1.0] * len(modules))
     B.measure_model_seconds(model, (torch.randn(2, 8, 10, 10),))
-    module, example = timed[0]
-    module(*example)
-    assert module.seen == {(True, True)}
+    B.measure_models_side_by_side([model, _layout_probe()], (torch.randn(2, 8, 10, 10),))
+    for modules, example in timed:
+        for module in modules:
+            module(*example)
+            assert module.seen == {(True, True)}
     assert B.example_input((2, 8, 10, 10), "cpu", torch.float32).is_contiguous(
         memory_format=torch.channels_last)
 
@@ -324,3 +337,21 @@ def test_each_compress_call_measures_its_own_layer_times():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
     tt_conv.compress(model, "tucker", 0.5, progress=False)
     assert ("stale",) not in B._LATENCY_CACHE
+
+
+def test_models_measured_side_by_side_run_in_interleaved_rounds(monkeypatch):
+    order = []
+
+    class Named(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            order.append(self.name)
+            return x
+
+    times = B.measure_side_by_side([Named("a"), Named("b")], torch.zeros(1), min_seconds=0.0,
+                                   rounds=3)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-ups, then alternating

@@ -401,6 +401,14 @@ def measure_seconds(module: torch.nn.Module, example, *, min_seconds: float = 0.
     mode (batch norms use their running statistics and are not updated); its own mode is
     restored afterwards. Inside :func:`timed_under_autocast` it runs under that autocast.
     """
+    return measure_side_by_side([module], example, min_seconds=min_seconds, rounds=rounds)[0]
+
+
+def measure_side_by_side(modules: Sequence[torch.nn.Module], example, *,
+                         min_seconds: float = 0.005, rounds: int = 3) -> List[float]:
+    """:func:`measure_seconds` of several modules on the same inputs, their rounds
+    interleaved (first, second, ..., first, second, ...), so that the machine's drift and
+    the state of the process's heap weigh on each alike; the least per module."""
     inputs = example if isinstance(example, tuple) else (example,)
     cuda = any(t.is_cuda for t in inputs)
     dtype = _TIMING_AUTOCAST.get()
@@ -411,24 +419,28 @@ def measure_seconds(module: torch.nn.Module, example, *, min_seconds: float = 0.
         if cuda:
             torch.cuda.synchronize()
 
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
     try:
         with torch.inference_mode(), autocast:
-            module(*inputs)
-            sync()
-            start = time.perf_counter()
-            module(*inputs)
-            sync()
-            once = max(time.perf_counter() - start, 1e-7)
-            passes = max(1, math.ceil(min_seconds / once))
-            best = math.inf
-            for _ in range(rounds):
-                start = time.perf_counter()
-                for _ in range(passes):
-                    module(*inputs)
+            passes = []
+            for module in modules:
+                module(*inputs)
                 sync()
-                best = min(best, (time.perf_counter() - start) / passes)
+                start = time.perf_counter()
+                module(*inputs)
+                sync()
+                once = max(time.perf_counter() - start, 1e-7)
+                passes.append(max(1, math.ceil(min_seconds / once)))
+            best = [math.inf] * len(modules)
+            for _ in range(rounds):
+                for i, module in enumerate(modules):
+                    start = time.perf_counter()
+                    for _ in range(passes[i]):
+                        module(*inputs)
+                    sync()
+                    best[i] = min(best[i], (time.perf_counter() - start) / passes[i])
     finally:
         for m, training in modes:
             m.training = training
@@ -461,15 +473,25 @@ def measure_model_seconds(model: torch.nn.Module, inputs: Sequence[torch.Tensor]
     inputs in :func:`timed_layout`, so the model's time and its layers' times (measured one
     by one on :func:`example_input`) describe the same computation; ``model`` is untouched.
     """
-    clone = copy.deepcopy(model)
+    return measure_models_side_by_side([model], inputs)[0]
+
+
+def measure_models_side_by_side(models: Sequence[torch.nn.Module],
+                                inputs: Sequence[torch.Tensor]) -> List[float]:
+    """:func:`measure_model_seconds` of several models, measured in interleaved rounds
+    (:func:`measure_side_by_side`): a compressed model against the dense one, both in the
+    same minute and the same state of the process's heap."""
+    clones = [copy.deepcopy(model) for model in models]
     with torch.no_grad():
-        for tensor in itertools.chain(clone.parameters(), clone.buffers()):
-            tensor.data = timed_layout(tensor.data)
+        for clone in clones:
+            for tensor in itertools.chain(clone.parameters(), clone.buffers()):
+                tensor.data = timed_layout(tensor.data)
     # More and longer rounds than one layer gets: the model's time decides whether a latency
     # budget held, and on a shared 2-core machine three single passes of a 30 ms model
     # scattered by a quarter from one measurement to the next.
-    return measure_seconds(clone, tuple(timed_layout(x) if isinstance(x, torch.Tensor) else x
-                                        for x in inputs), min_seconds=0.05, rounds=5)
+    return measure_side_by_side(clones, tuple(timed_layout(x) if isinstance(x, torch.Tensor)
+                                              else x for x in inputs),
+                                min_seconds=0.05, rounds=5)
 
 
 #: Measured seconds by everything they depend on (geometry, ranks, execution, input shape,

@@ -31,6 +31,7 @@ from .budget import (
     conv_latency,
     conv_latency_fraction,
     measure_model_seconds,
+    measure_models_side_by_side,
     timed_under_autocast,
     shared_energy_allocation,
 )
@@ -440,8 +441,9 @@ class LatencyPlan:
     The convolutions' first share is :func:`tt_conv.budget.conv_latency_fraction` of their
     own measured latencies (what is not convolution does not shrink). Layers timed one by
     one do not add up exactly to the model's time, so each compressed model is measured
-    whole and the share corrected (scaled by target / measured until one model is under the
-    target and one over, then bisected), at most ``ATTEMPTS`` allocations in all. The result
+    whole, in rounds interleaved with the dense model measured again beside it, and the share
+    corrected (scaled by target / measured until one model is under the target and one over,
+    then bisected), at most ``ATTEMPTS`` allocations in all. The result
     is the model with the largest share (the least kernel error) that held the target, or,
     if none did, the last one (with a warning); the report says which.
     """
@@ -455,6 +457,10 @@ class LatencyPlan:
     conv_before: float
     conv_fraction: float
     model_after: Optional[float] = None
+    #: The dense model's time measured side by side with ``model_after``.
+    dense_after: Optional[float] = None
+    #: The dense model, measured again beside each compressed one.
+    dense: Any = None
     attempts: int = 0
     held_share: Optional[float] = None
     over_share: Optional[float] = None
@@ -468,23 +474,28 @@ class LatencyPlan:
         model_before = measure_model_seconds(model, _as_args(probe.shape_inputs))
         conv_before = sum(job.dense_latency for job in timed)
         return cls(spec.value, model_before, conv_before,
-                   conv_latency_fraction(spec.value, model_before, conv_before))
+                   conv_latency_fraction(spec.value, model_before, conv_before), dense=model)
 
     def again(self, result, compressed, probe: Probe) -> bool:
         """Record one compressed model; whether to allocate again (``conv_fraction`` is then
         the next share to try)."""
         self.attempts += 1
-        measured = measure_model_seconds(compressed, _as_args(probe.shape_inputs))
-        ratio = measured / self.model_before
+        # The dense model again, in rounds interleaved with the compressed one: measured
+        # minutes apart, the two times differed with the machine's drift and with the heap
+        # the process had grown meanwhile (freed memory reused or faulted in again).
+        dense, measured = measure_models_side_by_side([self.dense, compressed],
+                                                      _as_args(probe.shape_inputs))
+        ratio = measured / dense
         share = self.conv_fraction
         if ratio <= self.fraction:
             if self.held_share is None or share > self.held_share:
-                self.held_share, self.result, self.model_after = share, result, measured
+                self.held_share, self.result = share, result
+                self.model_after, self.dense_after = measured, dense
             close = ratio >= self.CLOSE_ENOUGH * self.fraction or share >= 1.0
         else:
             self.over_share = share if self.over_share is None else min(self.over_share, share)
             if self.held_share is None:
-                self.result, self.model_after = result, measured
+                self.result, self.model_after, self.dense_after = result, measured, dense
             close = False
         if close or self.attempts >= self.ATTEMPTS:
             return False
@@ -506,16 +517,16 @@ class LatencyPlan:
             "raise the fraction or exclude small layers")
 
     def annotate(self, report: CompressionReport) -> None:
-        report.model_latency_before = self.model_before
+        report.model_latency_before = self.dense_after
         report.model_latency_after = self.model_after
         report.latency_target = self.fraction
         report.notes.append(
             f"latency budget: {self.attempts} allocation(s) measured; the convolutions keep "
             f"{(self.held_share or self.conv_fraction):.3g} of their own measured time")
-        if self.model_after > self.fraction * self.model_before:
+        if self.model_after > self.fraction * self.dense_after:
             warnings.warn(
                 f"rank={{'latency': {self.fraction:g}}}: the compressed model measured "
-                f"{self.model_after / self.model_before:.3f} of the dense model's latency "
+                f"{self.model_after / self.dense_after:.3f} of the dense model's latency "
                 f"after {self.attempts} allocations; the target was not held", stacklevel=3)
 
 

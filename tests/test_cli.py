@@ -81,6 +81,29 @@ def test_compress_exports_the_chains_as_executed(tmp_path, capsys):
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_compress_can_retain_freed_memory_before_timing(model_file, tmp_path, monkeypatch,
+                                                       capsys):
+    # The setting is process-wide and permanent: the test process keeps glibc's default,
+    # and the command is checked to ask for it before compressing, and to report a refusal.
+    import tt_conv.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: calls.append("retained"))
+    out = tmp_path / "small.pt"
+    assert main(["compress", str(model_file), "--trust-pickle", "--rank", "0.5", "--out",
+                 str(out), "--retain-freed-memory", "--quiet"]) == 0
+    assert calls == ["retained"] and out.exists()
+
+    def refuse():
+        raise RuntimeError("retain_freed_memory needs glibc's mallopt")
+
+    monkeypatch.setattr(cli, "retain_freed_memory", refuse)
+    assert main(["compress", str(model_file), "--trust-pickle", "--rank", "0.5", "--out",
+                 str(tmp_path / "other.pt"), "--retain-freed-memory", "--quiet"]) == 2
+    assert "error: --retain-freed-memory: retain_freed_memory needs glibc's mallopt" in \
+        capsys.readouterr().err
+
+
 def test_compress_can_fold_batch_norms_for_inference(tmp_path, capsys):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),

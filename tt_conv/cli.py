@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import rank as R
+from .allocator import retain_freed_memory
 from .compress import compress, export
 from .equivalent import is_uninitialized_lazy
 from .fold import fold_batch_norms
@@ -260,6 +261,11 @@ def run_compress(args) -> int:
     model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     rank = parse_rank_argument(args.rank, args.global_budget, args.min_rank)
     calibration = load_calibration(args.calibration)
+    if args.retain_freed_memory:
+        try:
+            retain_freed_memory()
+        except RuntimeError as error:
+            raise CommandError(f"--retain-freed-memory: {error}") from None
     try:
         compressed, report = compress(
             model, args.factorization, rank, include=args.include or None,
@@ -416,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--autocast", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="the precision the model will run in: measured times (latency "
                         "budgets, the execution choice) are taken under that autocast")
+    c.add_argument("--retain-freed-memory", action="store_true",
+                   help="time (latency budgets, the execution choice) with freed memory kept "
+                        "in the process (tt_conv.retain_freed_memory), as a deployment that "
+                        "calls it will run")
     c.add_argument("--fold-batch-norms", action="store_true",
                    help="for inference: fold each batch norm into the convolution before it "
                         "(tt_conv.fold_batch_norms); the model is saved in evaluation mode")

@@ -334,7 +334,9 @@ def test_the_default_tolerance_is_looser_only_where_sweeps_are_costly(monkeypatc
     def stage_tolerances(**options):
         tolerances.clear()
         D.cp(tensor, 10, ridge=(1e-3, 1e-7), **options)
-        return set(tolerances) - {D._TOL * 1e-3, D._COSTLY_TOL * 1e-3}  # polishing stages
+        # Leave out the polishing stage's tighter tolerance (a thousandth of the stages').
+        return {t for t in tolerances if not any(
+            math.isclose(t, base * 1e-3) for base in (D._TOL, D._COSTLY_TOL, options.get("tol", 0)))}
 
     assert tensor.numel() * 10 <= D._COSTLY_WORK
     assert stage_tolerances() == {D._TOL}

@@ -4,8 +4,9 @@ PyTorch allocates every activation on the CPU with ``malloc`` and frees it when 
 layer is done with it. glibc serves blocks above its mmap threshold (dynamic, at most
 32 MiB) with fresh ``mmap`` calls and returns the top of the heap to the system once more
 than its trim threshold is free, so each forward pass page-faults much of its activation
-memory back in: a ResNet-18 at batch 8 took about 13,000 minor faults per pass (50 MiB),
-a fifth of its time, on the 2-core development machine. Fault costs do not shrink with a
+memory back in: in a fresh process a ResNet-18 at batch 8 took about 13,000 minor faults
+per pass (50 MiB), dense or compressed, and ran 18 % longer than with freed memory retained
+(``benchmarks/fresh_process.py`` on the 2-core development machine). Fault costs do not shrink with a
 model's FLOPs, so they also eat into what factorizing saves.
 
 :func:`retain_freed_memory` raises both thresholds, so freed blocks stay in the heap for

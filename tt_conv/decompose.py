@@ -300,9 +300,10 @@ def cp(
 _TOL = 1e-3
 #: ... and on kernels whose sweeps are costly: elements of the tensor ALS runs on (the
 #: projection, where there is one) times the rank above :data:`_COSTLY_WORK`. CREPE's 1-D
-#: layers from 128 x 1024 x 64 up: a sweep of its 512 x 256 x 64 layer at rank 2,517 takes
-#: over half a second, and its last hundred sweeps at the tighter tolerance lower the error
-#: from 0.046 to 0.032; ResNet-50's largest 3 x 3 layers stay below (1.4e9).
+#: layers from 128 x 1024 x 64 up: its 512 x 256 x 64 layer at rank 2,517 takes three times
+#: as long at the tighter tolerance to lower the error from 0.046 to 0.032
+#: (``benchmarks/decompositions.py --model crepe --only cp``); ResNet-50's largest 3 x 3
+#: layers stay below (1.4e9).
 _COSTLY_TOL = 1e-2
 _COSTLY_WORK = 1 << 31
 

@@ -213,3 +213,72 @@ def test_export_as_executed_runs_the_merged_chain(factorization):
     pointwise = compressed[2]
     assert len(pointwise.to_sequential(as_executed=True)) == 2
     assert len(pointwise.to_sequential()) == len(pointwise._chain_specs())
+
+
+class ConvWeights(TorchDispatchMode):
+    """The weight of every convolution a call runs, with its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "convolution":
+            self.calls.append((args[0], args[1]))
+        return func(*args, **(kwargs or {}))
+
+
+def _laid_out_as(weight, x):
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()]) \
+            and not x.is_contiguous():
+        return weight.is_contiguous(memory_format=formats[x.dim()])
+    return weight.is_contiguous()
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("implementation", ["factorized", "reconstructed"])
+@pytest.mark.parametrize("n_dim, channels_last", [(1, False), (2, False), (2, True),
+                                                  (3, True)])
+@pytest.mark.parametrize("mode", ["inference", "bf16 inference", "training"])
+def test_every_convolution_reads_its_weight_in_the_activations_layout(
+        factorization, implementation, n_dim, channels_last, mode):
+    # The products that form a chain's weights and a reconstructed kernel are transposed
+    # views; a convolution given one reorders it on every call (a TT layer's reconstructed
+    # 512 x 512 x 3 x 3 kernel ran 8x slower than the dense layer's).
+    torch.manual_seed(0)
+    conv = CONVS[n_dim](8, 12, 3, padding=1)
+    layer = tt_conv.FactorizedConv.from_conv(conv, factorization=factorization, rank=0.5,
+                                             implementation=implementation)
+    x = torch.randn(2, 8, *[6] * n_dim)
+    if channels_last:
+        x = x.contiguous(memory_format={2: torch.channels_last,
+                                        3: torch.channels_last_3d}[n_dim])
+    layer.train(mode == "training")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16 inference")
+    with torch.set_grad_enabled(mode == "training"), autocast, ConvWeights() as seen:
+        y = layer(x)
+        again = layer(x)
+    assert len(seen.calls) >= 2
+    for activation, weight in seen.calls:
+        assert _laid_out_as(weight, activation), (tuple(weight.shape), weight.stride())
+    torch.testing.assert_close(again, y, rtol=0, atol=0)
+    reference = dense_output(layer, x.contiguous())
+    tolerance = 2e-2 if mode == "bf16 inference" else 1e-5
+    assert relative_error(y.float().contiguous(), reference) < tolerance
+
+
+def test_a_stage_with_a_unit_spatial_axis_runs_contiguous_with_a_contiguous_weight():
+    # Where channels-last activations with a spatial axis of size 1 run contiguous (see
+    # _forward_factorized), a channels-last weight would bring the channels-last path back.
+    torch.manual_seed(0)
+    layer = tt_conv.FactorizedConv.from_conv(nn.Conv2d(8, 12, 3, padding=1, stride=2),
+                                             factorization="tt", rank=0.5,
+                                             implementation="factorized").eval()
+    x = torch.randn(2, 8, 2, 2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), ConvWeights() as seen:
+        y = layer(x)
+    unit = [(a, w) for a, w in seen.calls if 1 in a.shape[2:]]
+    assert unit, "the strided chain should reach a 1 x 1 activation"
+    assert all(a.is_contiguous() and w.is_contiguous() for a, w in unit)
+    assert relative_error(y, dense_output(layer, x.contiguous())) < 1e-5

@@ -35,6 +35,7 @@ from .._geometry import (
 from .._checks import check_factorization, check_finite
 from ..rank import resolve_rank
 from ._chain import merge_flops, merge_stage_weights, merged_specs, pointwise_runs
+from ._packed import PackedConvs
 
 IMPLEMENTATIONS = ("auto", "factorized", "reconstructed")
 
@@ -242,6 +243,7 @@ class FactorizedConv(nn.Module):
         self._merging = any(stop - start > 1 for start, stop in self._runs)
         self._chain_groups = [s.groups for s in chain]
         self._inference_cache = None
+        self._packs = None  # PackedConvs of the kept weights, made on first use
         stages = self._executed_specs()
         self._stage_stride = [list(s.stride) for s in stages]
         self._stage_padding = [list(s.padding) for s in stages]
@@ -470,7 +472,7 @@ class FactorizedConv(nn.Module):
                 x = x.contiguous(memory_format=torch.channels_last)
             elif x.dim() == 5:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-        weights, last_bias = self._executed_weights(is_channels_last(x))
+        weights, last_bias, kept = self._executed_weights(is_channels_last(x))
         last = len(weights) - 1
         for i, weight in enumerate(weights):
             # The first stage is pointwise and bias-free, so padding after it is exact for
@@ -487,25 +489,41 @@ class FactorizedConv(nn.Module):
             # one (a strided or 3-D convolution may not keep channels-last) gets a copy.
             weight = laid_out([weight], is_channels_last(x))[0]
             bias = last_bias if i == last else None
-            x = conv_nd(x, weight, bias, self._stage_stride[i], self._stage_padding[i],
-                        self._stage_dilation[i], self._stage_groups[i])
+            y: Optional[torch.Tensor] = None
+            if kept and not torch.jit.is_scripting():
+                y = self._packed_conv(i, x, weight, bias, self._stage_stride[i],
+                                      self._stage_padding[i], self._stage_dilation[i],
+                                      self._stage_groups[i])
+            x = y if y is not None else conv_nd(
+                x, weight, bias, self._stage_stride[i], self._stage_padding[i],
+                self._stage_dilation[i], self._stage_groups[i])
         return x
 
     def _executed_weights(self, channels_last: bool = False
-                          ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+                          ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], bool]:
         """The factorized chain's weights and the bias of its last stage, laid out for
-        channels-last activations or contiguous ones."""
+        channels-last activations or contiguous ones, and whether they are the kept ones."""
         if torch.jit.is_scripting():
-            return self._formed_weights(), self.bias
+            return self._formed_weights(), self.bias, False
         return self._kept(False, channels_last)
 
     def _reconstructed_weights(self, channels_last: bool = False
-                               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The reconstructed kernel and the bias."""
+                               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], bool]:
+        """The reconstructed kernel and the bias, and whether they are the kept ones."""
         if torch.jit.is_scripting():
-            return self.reconstruct_kernel(), self.bias
-        weights, bias = self._kept(True, channels_last)
-        return weights[0], bias
+            return self.reconstruct_kernel(), self.bias, False
+        weights, bias, kept = self._kept(True, channels_last)
+        return weights[0], bias, kept
+
+    @torch.jit.unused
+    def _packed_conv(self, stage: int, x: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                     dilation: List[int], groups: int) -> Optional[torch.Tensor]:
+        """Stage ``stage`` run with its kept weight prepacked for oneDNN, or None where that
+        path does not apply (see :mod:`tt_conv.layers._packed`)."""
+        if self._packs is None:
+            self._packs = PackedConvs()
+        return self._packs.run(stage, x, weight, bias, stride, padding, dilation, groups)
 
     def _formed_weights(self) -> List[torch.Tensor]:
         if not self._merging:
@@ -514,7 +532,7 @@ class FactorizedConv(nn.Module):
 
     @torch.jit.unused
     def _kept(self, reconstructed: bool, channels_last: bool = False
-              ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+              ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], bool]:
         """The weights the forward convolves with, kept while the factors stay as they are.
 
         Forming them costs reshapes, copies and matrix products over the factors on every
@@ -524,7 +542,8 @@ class FactorizedConv(nn.Module):
         formed once, cast to the autocast dtype if one is active, and formed again only when
         a factor or the bias is changed (its version counter), replaced or moved, or the
         autocast dtype changes. In training mode, under autograd, or inside
-        ``torch.compile``, they are formed on every call.
+        ``torch.compile``, they are formed on every call. The third value says which: kept
+        weights are also kept prepacked for oneDNN on a CPU (:meth:`_packed_conv`).
 
         Either way they are laid out as the activations are (``channels_last``) or
         contiguous: the products that form them are transposed views, and a convolution
@@ -536,7 +555,7 @@ class FactorizedConv(nn.Module):
         if self.training or torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             weights = [self.reconstruct_kernel()] if reconstructed else self._formed_weights()
-            return laid_out(weights, channels_last), self.bias
+            return laid_out(weights, channels_last), self.bias, False
         device = tensors[0].device.type
         cast = _autocast_dtype(device)
         try:
@@ -558,8 +577,11 @@ class FactorizedConv(nn.Module):
                 weights = [w.to(cast) for w in weights]
                 bias = None if bias is None else bias.to(cast)
             weights = laid_out(weights, channels_last)
-        kept = (weights, bias)
-        self._inference_cache = None if key is None else (key, kept)
+        self._packs = None  # packed from the weights formed before
+        if key is None:
+            return weights, bias, False
+        kept = (weights, bias, True)
+        self._inference_cache = (key, kept)
         return kept
 
     def forget_kept_weights(self) -> None:
@@ -571,21 +593,33 @@ class FactorizedConv(nn.Module):
         ``load_state_dict``, ``p.copy_`` under ``torch.no_grad``) are seen.
         """
         self._inference_cache = None
+        self._packs = None
 
     def _apply(self, fn, recurse=True):
         self._inference_cache = None  # the factors move or change dtype
+        self._packs = None
         return super()._apply(fn, recurse)
 
     def __getstate__(self):
         state = super().__getstate__()
         state["_inference_cache"] = None
+        state["_packs"] = None  # oneDNN's packed tensors have no storage to copy or pickle
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_packs", None)  # pickled before layers packed weights
 
     def _forward_reconstructed(self, x: torch.Tensor) -> torch.Tensor:
         if self._explicit_pad:
             x = F.pad(x, self._pad, mode=self._pad_mode)
-        kernel, bias = self._reconstructed_weights(
+        kernel, bias, kept = self._reconstructed_weights(
             is_channels_last(x) and not has_unit_spatial_axis(x))
+        if kept and not torch.jit.is_scripting():
+            y = self._packed_conv(0, x, kernel, bias, list(self.stride),
+                                  list(self._conv_padding), list(self.dilation), self.groups)
+            if y is not None:
+                return y
         return conv_nd(x, kernel, bias, list(self.stride),
                        self._conv_padding, list(self.dilation), self.groups)
 

@@ -143,13 +143,20 @@ def test_latency_plan_corrects_the_share_and_keeps_the_largest_that_held(monkeyp
     plan = C.LatencyPlan(fraction=0.5, model_before=1.0, conv_before=0.8, conv_fraction=0.3)
     probe = C.Probe(shape_inputs=torch.zeros(1), calibration=None, data_fit=False,
                     input_shapes={}, params_before=0, flops_before=None)
-    assert plan.again("first", None, probe)          # held at 0.30: scale the share up
-    assert plan.conv_fraction == pytest.approx(0.5)
+    # Held at 0.30: the 0.2 s outside the convolutions stays, the convolutions' 0.1 s grows
+    # with the share, aiming at 0.98 of the target: 0.3 * (0.49 - 0.2) / (0.30 - 0.2).
+    assert plan.again("first", None, probe)
+    assert plan.conv_fraction == pytest.approx(0.87)
     assert plan.again("second", None, probe)         # over at 0.60: bisect
-    assert plan.conv_fraction == pytest.approx(0.4)
+    assert plan.conv_fraction == pytest.approx(0.585)
     assert not plan.again("third", None, probe)      # held at 0.48, within 5 %: stop
     assert (plan.result, plan.model_after, plan.dense_after, plan.held_share) == (
-        "third", 0.48, 1.0, 0.4)
+        "third", 0.48, 1.0, pytest.approx(0.585))
+    # A model 1 % over the target: scaling the share by target / measured (0.99) would
+    # leave it over (0.2 + 0.99 * 0.303 = 0.5); the affine correction aims under.
+    near = C.LatencyPlan(fraction=0.5, model_before=1.0, conv_before=0.8, conv_fraction=1.0)
+    share = near.corrected_share(1.0, 0.505)
+    assert 0.2 + share * (0.505 - 0.2) == pytest.approx(0.49)
     # Held or not is decided against the dense time measured beside it, not the first one:
     # 0.45 s is 0.45 of the first 1 s, but 0.5625 of the 0.8 s measured with it.
     late = C.LatencyPlan(fraction=0.5, model_before=1.0, conv_before=0.8, conv_fraction=0.4)

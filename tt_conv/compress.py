@@ -442,13 +442,20 @@ class LatencyPlan:
     own measured latencies (what is not convolution does not shrink). Layers timed one by
     one do not add up exactly to the model's time, so each compressed model is measured
     whole, in rounds interleaved with the dense model measured again beside it, and the share
-    corrected (scaled by target / measured until one model is under the target and one over,
-    then bisected), at most ``ATTEMPTS`` allocations in all. The result
+    corrected until one model is under the target and one over, then bisected, at most
+    ``ATTEMPTS`` allocations in all. A correction takes the model's time as the part that
+    does not shrink (its share measured before compressing) plus the convolutions' part, in
+    proportion to their share, and aims at ``AIM`` of the target (scaling the share by target
+    / measured alone under-corrects by the part that does not shrink: a model 1 % over
+    stayed over through four allocations). The result
     is the model with the largest share (the least kernel error) that held the target, or,
     if none did, the last one (with a warning); the report says which.
     """
 
     ATTEMPTS = 4
+    #: A corrected allocation aims at this much of the target, so that the machine's noise
+    #: in the next measurement does not carry it over.
+    AIM = 0.98
     #: Stop once a model that holds the target uses this much of it.
     CLOSE_ENOUGH = 0.95
 
@@ -502,8 +509,18 @@ class LatencyPlan:
         if self.held_share is not None and self.over_share is not None:
             self.conv_fraction = 0.5 * (self.held_share + self.over_share)
         else:
-            self.conv_fraction = min(1.0, max(1e-3, share * self.fraction / ratio))
+            self.conv_fraction = min(1.0, max(1e-3, self.corrected_share(share, ratio)))
         return self.conv_fraction != share
+
+    def corrected_share(self, share: float, ratio: float) -> float:
+        """The convolutions' share that brings a model measured at ``ratio`` of dense with
+        ``share`` to ``AIM`` of the target: ``ratio = rest + share * slope``, the rest (the
+        dense model's time outside the selected convolutions, as a fraction) fixed."""
+        rest = max(self.model_before - self.conv_before, 0.0) / self.model_before
+        target = self.AIM * self.fraction
+        if ratio - rest <= 0 or target <= rest:  # the rest was misjudged: scale instead
+            return share * target / ratio
+        return share * (target - rest) / (ratio - rest)
 
     def infeasible(self, error: InfeasibleBudget) -> ValueError:
         """``error`` (the convolutions' share is below their least cost) said in the terms of

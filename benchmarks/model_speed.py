@@ -1,6 +1,7 @@
 """Inference speed of compressed models against the dense one, measured side by side.
 
-A model (a torchvision ResNet-50 with random weights) is compressed once per
+A model (a torchvision ResNet-50 with random weights, or ``--model`` any timm model,
+e.g. ``efficientnet_b0``) is compressed once per
 factorization with ``tt_conv.compress`` at a rank target (default: a third of its conv
 FLOPs, ``rank={"flops": 0.33, "global": True}`` on a 1 x 3 x 224 x 224 input; ``--rank
 '{"latency": 0.5}' --compress-batch 8`` asks for half the measured latency at batch 8
@@ -17,6 +18,7 @@ Run from the repository root::
 
     PYTHONPATH=. python benchmarks/model_speed.py --json speed.json --markdown speed.md
     PYTHONPATH=. python benchmarks/model_speed.py --batches 1 --precisions fp32 --rounds 3
+    PYTHONPATH=. python benchmarks/model_speed.py --model efficientnet_b0   # a timm model
     PYTHONPATH=. python benchmarks/model_speed.py --rank '{"latency": 0.5}' --compress-batch 8 \
         --factorizations tucker auto --batches 8 --precisions fp32
     PYTHONPATH=. python benchmarks/model_speed.py --rank '{"latency": 0.5}' --compress-batch 8 \
@@ -61,6 +63,23 @@ def resnet50(seed: int = 0):
     return torchvision.models.resnet50(weights=None).eval()
 
 
+def build_model(name: str, seed: int = 0):
+    """``resnet50`` (torchvision) or a timm model name, with random weights."""
+    if name == "resnet50":
+        return resnet50(seed)
+    import timm
+
+    torch.manual_seed(seed)
+    try:
+        return timm.create_model(name, pretrained=False).eval()
+    except RuntimeError as error:  # timm: "Unknown model (...)"
+        raise SystemExit(f"--model {name!r}: not resnet50 and not a timm model ({error})")
+
+
+def model_title(name: str) -> str:
+    return "ResNet-50" if name == "resnet50" else name
+
+
 #: Autocast dtype of each precision (fp32: none).
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -90,6 +109,8 @@ def time_forward(model, x, precision: str, repeats: int) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet50",
+                        help="resnet50 (torchvision) or a timm model name, random weights")
     parser.add_argument("--factorizations", nargs="*", default=list(FACTORIZATIONS),
                         choices=CHOICES)
     parser.add_argument("--rank", default='{"flops": 0.33, "global": true}',
@@ -131,7 +152,7 @@ def main(argv=None) -> dict:
     if args.retain_freed_memory:
         tt_conv.retain_freed_memory()
 
-    dense = resnet50()
+    dense = build_model(args.model)
     if args.fold_batch_norms:
         dense, folded = tt_conv.fold_batch_norms(dense)
         print(f"{len(folded)} batch norms folded into the convolutions", flush=True)
@@ -182,7 +203,7 @@ def main(argv=None) -> dict:
     results = {"machine": machine_description() if device.type == "cpu"
                else torch.cuda.get_device_name(device),
                "threads": args.threads, "torch": torch.__version__, "rank": rank,
-               "compress_shape": list(shape),
+               "model": args.model, "compress_shape": list(shape),
                "size": args.size, "implementation": args.implementation,
                "autocast": args.autocast, "fold_batch_norms": args.fold_batch_norms,
                "retain_freed_memory": args.retain_freed_memory,
@@ -234,8 +255,9 @@ def op_shares(model, args, device) -> list:
 
 def format_table(results) -> str:
     compressed = results["compress_seconds"] or results.get("refused")
-    lines = [(f"ResNet-50 compressed at rank={json.dumps(results['rank'])} on input "
-              f"{tuple(results['compress_shape'])}; " if compressed else "ResNet-50 (dense only); ")
+    title = model_title(results.get("model", "resnet50"))
+    lines = [(f"{title} compressed at rank={json.dumps(results['rank'])} on input "
+              f"{tuple(results['compress_shape'])}; " if compressed else f"{title} (dense only); ")
              + f"timed at {results['size']}x{results['size']}, "
              f"channels-last, inference mode, "
              f"implementation={results['implementation']!r}"

@@ -146,3 +146,27 @@ def test_a_packed_layer_copies_pickles_and_scripts():
     loaded = torch.load(buffer, weights_only=False)
     with torch.no_grad():
         assert relative_error(loaded(x).contiguous(), y.contiguous()) < 1e-5
+
+
+@needs_onednn
+def test_under_a_torch_function_mode_every_stage_calls_conv2d():
+    # A TorchFunctionMode (tt_conv.equivalent's tracer is one) sees F.conv2d, not the
+    # prepacked operator: under one, the layer runs the calls it would see.
+    from torch.overrides import TorchFunctionMode
+
+    class CountConv2d(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.conv2d:
+                CountConv2d.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    layer = _layer("tt", "factorized")
+    x = _input()
+    with torch.no_grad():
+        layer(x)  # packed
+        assert layer._packs._packed
+        with CountConv2d():
+            layer(x)
+    assert CountConv2d.calls == len(layer._executed_specs())

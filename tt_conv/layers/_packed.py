@@ -39,6 +39,8 @@ def _operators_available() -> bool:
 
 
 _AVAILABLE = _operators_available()
+#: Whether a TorchFunctionMode is active (a tracer or counter that must see F.conv2d).
+_function_mode_enabled = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
 
 
 def _cpu_autocast_dtype() -> Optional[torch.dtype]:
@@ -83,7 +85,7 @@ class PackedConvs:
         if not _AVAILABLE or stage in self._refused or x.device.type != "cpu" \
                 or weight.dim() != 4 or weight.dtype not in _PACKABLE_DTYPES \
                 or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None \
-                or torch._C._is_torch_function_mode_enabled():
+                or _function_mode_enabled():
             return None
         if x.dtype != weight.dtype:
             # Under autocast the kept weights are in its dtype; a convolution would cast its

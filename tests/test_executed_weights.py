@@ -180,7 +180,7 @@ def test_under_bf16_autocast_the_weights_are_cast_once_and_kept_apart(factorizat
     assert kept.dtype == torch.bfloat16
     torch.testing.assert_close(kept, expected.detach(), rtol=0, atol=0)
     torch.testing.assert_close(again, kept, rtol=0, atol=0)
-    weights, bias, _ = layer._inference_cache[1]
+    weights, bias = layer._inference_cache[1]
     assert all(w.dtype == torch.bfloat16 for w in weights) and bias.dtype == torch.bfloat16
     # Outside autocast the float32 weights are formed again, not the bf16 ones reused.
     with torch.no_grad():

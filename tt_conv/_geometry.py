@@ -102,6 +102,11 @@ def torch_pad_argument(pairs: Sequence[Tuple[int, int]]) -> List[int]:
     return out
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is laid out channels-last (channels innermost) and not also plain."""
+    return x.dim() >= 3 and x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous()
+
+
 def conv_nd(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -283,7 +283,8 @@ def measure_flop_budget_speed(model: nn.Module, compressed: nn.Module, probe: Pr
     A FLOP cut is not a speed-up everywhere: on mobile networks (EfficientNet-B0,
     MobileNetV3 on a 2-core CPU) most of the time is outside the convolutions that shrink,
     and the small pointwise layers a factorization splits in two run slower than the one
-    they replace, so a third of the FLOPs measured 0.6-0.9 of dense's speed.
+    they replace: at a third of the FLOPs they ran at 0.54-0.96 of dense's speed
+    (``benchmarks/model_speed.py --model efficientnet_b0``, docs/results/model_speed.rst).
     """
     dense, measured = measure_models_side_by_side([model, compressed],
                                                   _as_args(probe.shape_inputs))

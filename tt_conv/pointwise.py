@@ -46,6 +46,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ._geometry import is_channels_last
+
 __all__ = ["POINTWISE_MODES", "ENVIRONMENT_VARIABLE", "compiler_available", "resolve_mode",
            "lstm_update", "stream_sums"]
 
@@ -242,11 +244,6 @@ def _lstm_backward(grad_h: torch.Tensor, grad_c: torch.Tensor, sig: torch.Tensor
 
 _compiled_lstm_forward = _Kernel(_lstm_forward)
 _compiled_lstm_backward = _Kernel(_lstm_backward)
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    """Whether ``x`` is laid out channels-last (channels innermost) and not also plain."""
-    return x.dim() >= 3 and x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous()
 
 
 def empty_state(like: torch.Tensor, channels: int, channels_last: bool,

@@ -1,9 +1,8 @@
 """Inference convolutions on CPU with weights prepacked for oneDNN.
 
 On a CPU, every ``F.conv2d`` call reorders its weight into oneDNN's blocked layout before
-convolving; for a factorized layer's small stages that reorder costs as much as the
-convolution (an Intel Xeon with AMX, ResNet-50 Tucker at a third of the FLOPs, batch 1
-under bf16: 5.1 ms of reorders beside 4.9 ms of convolutions). A layer in inference keeps
+convolving; for a factorized layer's small stages that reorder can cost as much as the
+convolution (``ONEDNN_VERBOSE=1`` prints both times). A layer in inference keeps
 its weights (see :meth:`tt_conv.FactorizedConv._kept`), so it can keep them reordered too:
 :class:`PackedConvs` reorders each stage's weight once per input shape and runs the
 convolution with PyTorch's oneDNN operator for prepacked weights (the one ``torch.compile``
@@ -43,14 +42,6 @@ _AVAILABLE = _operators_available()
 _function_mode_enabled = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
 
 
-def _cpu_autocast_dtype() -> Optional[torch.dtype]:
-    try:
-        enabled = torch.is_autocast_enabled("cpu")
-        return torch.get_autocast_dtype("cpu") if enabled else None
-    except (TypeError, AttributeError):  # PyTorch < 2.4
-        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-
-
 def _channels_last_2d(x: torch.Tensor) -> bool:
     return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
             and not x.is_contiguous() and 1 not in x.shape[2:])
@@ -84,15 +75,10 @@ class PackedConvs:
         path does not apply (the caller then runs ``F.conv2d``)."""
         if not _AVAILABLE or stage in self._refused or x.device.type != "cpu" \
                 or weight.dim() != 4 or weight.dtype not in _PACKABLE_DTYPES \
+                or x.dtype != weight.dtype \
                 or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None \
                 or _function_mode_enabled():
             return None
-        if x.dtype != weight.dtype:
-            # Under autocast the kept weights are in its dtype; a convolution would cast its
-            # input to it as well.
-            if _cpu_autocast_dtype() != weight.dtype:
-                return None
-            x = x.to(weight.dtype)
         if not _channels_last_2d(x):
             return None
         key = (stage, tuple(x.shape))

@@ -28,6 +28,7 @@ from .._geometry import (
     as_tuple,
     conv_flops,
     conv_nd,
+    is_channels_last,
     output_size,
     padding_pairs,
     torch_pad_argument,
@@ -521,6 +522,12 @@ class FactorizedConv(nn.Module):
                      dilation: List[int], groups: int) -> Optional[torch.Tensor]:
         """Stage ``stage`` run with its kept weight prepacked for oneDNN, or None where that
         path does not apply (see :mod:`tt_conv.layers._packed`)."""
+        if x.dtype != weight.dtype:
+            # Under autocast the kept weights are in its dtype, and a convolution would cast
+            # its input to it too; otherwise the plain convolution says what is wrong.
+            if _autocast_dtype(x.device.type) != weight.dtype:
+                return None
+            x = x.to(weight.dtype)
         if self._packs is None:
             self._packs = PackedConvs()
         return self._packs.run(stage, x, weight, bias, stride, padding, dilation, groups)
@@ -548,8 +555,7 @@ class FactorizedConv(nn.Module):
         Either way they are laid out as the activations are (``channels_last``) or
         contiguous: the products that form them are transposed views, and a convolution
         given a weight in neither layout copies it in a slow reorder on every call (a TT
-        layer's reconstructed 512 x 512 x 3 x 3 kernel took 8.5 ms at batch 1 under bf16
-        against the dense layer's 1.1 ms).
+        layer's reconstructed 3 x 3 kernel ran several times slower than the dense layer).
         """
         tensors = [*self._factor_tensors()] + ([] if self.bias is None else [self.bias])
         if self.training or torch.compiler.is_compiling() or (
@@ -565,7 +571,7 @@ class FactorizedConv(nn.Module):
             key = None
         if key is not None and self._inference_cache is not None \
                 and self._inference_cache[0] == key:
-            return self._inference_cache[1]
+            return (*self._inference_cache[1], True)
         # Formed in the factors' dtype (a product formed under autocast would be reused
         # outside it), then cast as the convolutions under autocast would cast them.
         context = (torch.autocast(device, enabled=False) if cast is not None
@@ -580,9 +586,8 @@ class FactorizedConv(nn.Module):
         self._packs = None  # packed from the weights formed before
         if key is None:
             return weights, bias, False
-        kept = (weights, bias, True)
-        self._inference_cache = (key, kept)
-        return kept
+        self._inference_cache = (key, (weights, bias))
+        return weights, bias, True
 
     def forget_kept_weights(self) -> None:
         """Form the weights again on the next call.
@@ -616,8 +621,8 @@ class FactorizedConv(nn.Module):
         kernel, bias, kept = self._reconstructed_weights(
             is_channels_last(x) and not has_unit_spatial_axis(x))
         if kept and not torch.jit.is_scripting():
-            y = self._packed_conv(0, x, kernel, bias, list(self.stride),
-                                  list(self._conv_padding), list(self.dilation), self.groups)
+            y = self._packed_conv(0, x, kernel, bias, list(self.stride), self._conv_padding,
+                                  list(self.dilation), self.groups)
             if y is not None:
                 return y
         return conv_nd(x, kernel, bias, list(self.stride),
@@ -882,16 +887,6 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         if device_type == "cpu":
             return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    """Whether a 4-D or 5-D activation is laid out channels-last (and not also contiguous,
-    as a single-channel or 1 x 1 one is)."""
-    if x.dim() == 4:
-        return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if x.dim() == 5:
-        return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-    return False
 
 
 def laid_out(weights: List[torch.Tensor], channels_last: bool) -> List[torch.Tensor]:

@@ -48,7 +48,16 @@ from tt_conv.files import write_text_atomic
 
 FACTORIZATIONS = ("cp", "tucker", "tt")
 TARGETS = {"4x": {"params": 0.25, "global": True}, "10x": {"params": 0.1, "global": True},
-           "evbmf": "evbmf"}
+           "evbmf": "evbmf",
+           # A third of the conv FLOPs on one frame, the ranks rounded to multiples of 8 or
+           # 16 (the default) and exact ("multiple_of": 1): what rounding costs in accuracy.
+           "flops3": {"flops": 0.33, "global": True},
+           "flops10": {"flops": 0.1, "global": True},
+           "flops10-exact": {"flops": 0.1, "global": True, "multiple_of": 1},
+           "flops3-exact": {"flops": 0.33, "global": True, "multiple_of": 1}}
+DEFAULT_TARGETS = ("4x", "10x", "evbmf")
+#: A CREPE input: one frame of 1,024 samples (FLOP targets need an input shape).
+FRAME_SHAPE = (1, 1024)
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.0
 
@@ -163,7 +172,10 @@ def main(argv=None):
                         help="clips the calibration frames come from (not test clips)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", choices=FACTORIZATIONS)
-    parser.add_argument("--targets", nargs="*", choices=list(TARGETS))
+    parser.add_argument("--targets", nargs="*", choices=list(TARGETS),
+                        help=f"default: {' '.join(DEFAULT_TARGETS)}; flops3 and flops3-exact: "
+                             "a third of the conv FLOPs with the ranks rounded to multiples of "
+                             "8 or 16 and exact")
     parser.add_argument("--skip-tltorch", action="store_true")
     parser.add_argument("--skip-calibrated", action="store_true",
                         help="only the rows without calibration (fit='data' runs several "
@@ -212,7 +224,7 @@ def main(argv=None):
                 "accuracy": accuracy, "median_cents": median, "nan": nan,
                 "conv_params": dense_convs, "reduction": 1.0, "seconds": 0.0})
     for factorization in args.only or FACTORIZATIONS:
-        for target in args.targets or TARGETS:
+        for target in args.targets or DEFAULT_TARGETS:
             for n_calibration in (0,) if args.skip_calibrated else (0, len(calibration)):
                 key = ("tt_conv", factorization, target, n_calibration)
                 if key in done:
@@ -223,7 +235,8 @@ def main(argv=None):
                     compressed, report = tt_conv.compress(
                         model, factorization, TARGETS[target], progress=False,
                         calibration=calibration if n_calibration else None,
-                        fit="data" if n_calibration else "kernel")
+                        fit="data" if n_calibration else "kernel",
+                        input_shape=FRAME_SHAPE if "flops" in TARGETS[target] else None)
                 seconds = time.perf_counter() - start
                 accuracy, median, nan = evaluate(compressed, frames, f0)
                 after = conv_parameters(compressed)

@@ -25,6 +25,9 @@ Run from the repository root::
         --autocast bf16 --batches 8 --precisions bf16     # a latency budget for bf16 inference
 
 The compressed models are built with ``implementation`` (default ``"auto"``).
+``--exact-ranks-too`` also compresses each factorization with ``"multiple_of": 1``, the
+global budget's ranks as its energy allocation gives them instead of rounded to the
+multiples of 8 or 16 that convolution kernels run fastest, and times them alongside.
 ``--fold-batch-norms`` first folds every batch norm into the convolution before it
 (:func:`tt_conv.fold_batch_norms`), as an inference deployment would: the dense model and
 the ones compressed from it run without them alike. ``--retain-freed-memory`` first calls
@@ -135,6 +138,11 @@ def main(argv=None) -> dict:
                         help="call tt_conv.retain_freed_memory() first: freed activations "
                              "stay in the heap instead of being page-faulted in again on "
                              "every pass (glibc; dense and compressed alike)")
+    parser.add_argument("--exact-ranks-too", action="store_true",
+                        help="also compress each factorization with \"multiple_of\": 1 (a "
+                             "global budget's ranks as the energy allocation gives them, not "
+                             "rounded to multiples of 8 or 16), timed beside the rest as "
+                             "'<factorization> exact'")
     parser.add_argument("--op-shares", action="store_true",
                         help="also profile the dense model (torch.profiler) and print the "
                              "share of its time in convolutions, batch norms, copies (casts "
@@ -161,25 +169,30 @@ def main(argv=None) -> dict:
     shape = (args.compress_batch, 3, args.size, args.size)
     rank = json.loads(args.rank)
     refused = {}
-    for factorization in args.factorizations:
+    variants = [(factorization, factorization, rank) for factorization in args.factorizations]
+    if args.exact_ranks_too:
+        variants += [(f"{factorization} exact", factorization, {**rank, "multiple_of": 1})
+                     for factorization in args.factorizations]
+    for label, factorization, rank_of_variant in variants:
         start = time.perf_counter()
         try:
-            model, report = tt_conv.compress(dense, factorization, rank, input_shape=shape,
+            model, report = tt_conv.compress(dense, factorization, rank_of_variant,
+                                             input_shape=shape,
                                              implementation=args.implementation,
                                              autocast=args.autocast, progress=False)
         except ValueError as error:  # a budget this machine cannot reach: say so, go on
-            refused[factorization] = str(error)
-            print(f"{factorization}: not compressed: {error}", flush=True)
+            refused[label] = str(error)
+            print(f"{label}: not compressed: {error}", flush=True)
             continue
-        compress_seconds[factorization] = time.perf_counter() - start
+        compress_seconds[label] = time.perf_counter() - start
         totals = report.totals()
-        print(f"{factorization}: compressed in {compress_seconds[factorization]:.1f} s, conv "
+        print(f"{label}: compressed in {compress_seconds[label]:.1f} s, conv "
               f"FLOPs {totals['conv_flops_before'] / 1e9:.2f}G -> "
               f"{totals['conv_flops_after'] / 1e9:.2f}G"
               + ("" if report.model_latency_after is None else
                  f", measured latency {report.model_latency_after / report.model_latency_before:.3f}"
                  f" of dense at compress time"), flush=True)
-        models[factorization] = model
+        models[label] = model
     for name in models:
         models[name] = models[name].to(device).to(memory_format=torch.channels_last)
 
@@ -197,7 +210,7 @@ def main(argv=None) -> dict:
                 seconds = statistics.median(samples[name])
                 rows.append({"precision": precision, "batch": batch, "model": name,
                              "ms": seconds * 1e3, "speedup": dense_s / seconds})
-                print(f"{precision} batch {batch} {name:7s} {seconds * 1e3:9.1f} ms  "
+                print(f"{precision} batch {batch} {name:12s} {seconds * 1e3:9.1f} ms  "
                       f"{dense_s / seconds:5.2f}x", flush=True)
     shares = op_shares(models["dense"], args, device) if args.op_shares else []
     results = {"machine": machine_description() if device.type == "cpu"
@@ -206,6 +219,7 @@ def main(argv=None) -> dict:
                "model": args.model, "compress_shape": list(shape),
                "size": args.size, "implementation": args.implementation,
                "autocast": args.autocast, "fold_batch_norms": args.fold_batch_norms,
+               "exact_ranks_too": args.exact_ranks_too,
                "retain_freed_memory": args.retain_freed_memory,
                "compress_seconds": compress_seconds, "refused": refused, "rows": rows,
                "op_shares": shares}
@@ -267,6 +281,8 @@ def format_table(results) -> str:
                 if results.get("fold_batch_norms") else "")
              + (", freed memory retained (tt_conv.retain_freed_memory)"
                 if results.get("retain_freed_memory") else "")
+             + (", 'exact': compressed with \"multiple_of\": 1 (ranks not rounded)"
+                if results.get("exact_ranks_too") else "")
              + f" ({results['machine']}, "
              f"{results['threads']} threads, torch {results['torch']})", "",
              "| precision | batch | model | ms per batch | speed-up over dense |",

@@ -9,6 +9,7 @@ from scipy.optimize import minimize
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import tt_conv
 from tt_conv import FactorizedConv, decompose
 from tt_conv import budget as B
 from tt_conv import rank as R
@@ -329,3 +330,81 @@ def test_ranks_larger_than_a_dimension_are_clipped():
     assert R.energy_rank("cp", weight, 1.0, min_rank=1000) == (R.max_cp_rank((8, 4, 3, 3)),)
     assert R.energy_rank("tucker", weight, 1.0, min_rank=1000) == (8, 4)
     assert R.tt_svd_rank(weight, 0.0, min_rank=1000) == R.clip_tt_rank((4, 3, 3, 8), (99,) * 3)
+
+
+# --------------------------------------------------------------------------- rounded ranks
+
+
+def test_ranks_round_to_the_channel_multiples_kernels_run_fastest():
+    auto = {r: R.round_rank(r) for r in range(1, 100)}
+    assert all(auto[r] == r for r in range(1, 12))            # small ranks as they are
+    for r in range(12, 100):
+        multiple = 8 if r < 40 else 16
+        assert auto[r] % multiple == 0 and abs(auto[r] - r) <= multiple / 2
+        assert abs(auto[r] - r) <= r / 3
+    assert [R.round_rank(r, 16) for r in (1, 7, 8, 23, 24, 25)] == [16, 16, 16, 16, 32, 32]
+    assert [R.round_rank(r, 1) for r in (1, 13, 66)] == [1, 13, 66]
+    # Rounded, then clipped to the kernel: an RGB input keeps r_in = 3; a TT bond at most
+    # r_{j-1} * n_{j-1}.
+    assert R.rounded_ranks("tucker", (64, 3, 7, 7), (18, 3)) == (16, 3)
+    assert R.rounded_ranks("tt", (64, 64, 3, 3), (30, 66, 30)) == (32, 64, 32)
+    assert R.rounded_ranks("tt", (64, 64, 1, 1), (30, 30, 30)) == (32, 32, 32)
+    assert R.rounded_ranks("cp", (20, 20, 3, 3), (57,)) == (64,)
+    for bad in (0, -8, 2.5, True, "16"):
+        with pytest.raises(ValueError, match="multiple_of"):
+            R.round_rank(20, bad)
+
+
+def _wide_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 96, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(96, 128, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(128, 128, 1)).eval()
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+def test_a_global_flop_budget_rounds_its_ranks_and_still_holds(factorization):
+    model, shape = _wide_cnn(), (1, 3, 16, 16)
+    results = {}
+    for multiple in ("auto", 16, 1):
+        rank = {"flops": 0.3, "global": True}
+        if multiple != "auto":
+            rank["multiple_of"] = multiple
+        _, report = tt_conv.compress(model, factorization, rank, input_shape=shape,
+                                     progress=False)
+        assert report.conv_flops_after <= 0.3 * report.conv_flops_before
+        # What rounding leaves of the budget is spent, rank by rank (without that, Tucker
+        # at multiples of 16 used 85 % of it): four layers, yet at least 95 % is used.
+        assert report.conv_flops_after >= 0.95 * 0.3 * report.conv_flops_before
+        results[multiple] = [row.ranks for row in report.layers if row.ranks is not None]
+        assert results[multiple]
+    limits = {1, 3, 9, 27}  # what an RGB input (and a TT bond over it) caps a rank at
+
+    def rounded(r, multiple):
+        return r in limits or r % multiple == 0
+
+    # Ranks from 12 round to multiples of 8, those from 40 to multiples of 16 (40 itself is
+    # a rounded 36-39).
+    assert all(rounded(r, 8 if r <= 40 else 16) for ranks in results["auto"] for r in ranks
+               if r >= 12)
+    assert all(rounded(r, 16) for ranks in results[16] for r in ranks)
+    # Exact ranks (multiple_of=1) are what the allocation without rounding gives, and here
+    # some are off the multiples: rounding changed the allocation.
+    assert any(r >= 12 and r % 8 for ranks in results[1] for r in ranks)
+
+
+def test_a_parameter_budget_keeps_exact_ranks_unless_asked():
+    model = _wide_cnn()
+    _, exact = tt_conv.compress(model, "tucker", {"params": 0.2, "global": True},
+                                progress=False)
+    _, rounded = tt_conv.compress(model, "tucker",
+                                  {"params": 0.2, "global": True, "multiple_of": 8},
+                                  progress=False)
+    assert any(r >= 12 and r % 8 for row in exact.layers for r in row.ranks or ())
+    assert all(r % 8 == 0 or r == 3 for row in rounded.layers for r in row.ranks or ())
+    assert rounded.conv_params_after <= 0.2 * rounded.conv_params_before
+    with pytest.raises(ValueError, match="global budget"):
+        tt_conv.parse_rank({"flops": 0.3, "multiple_of": 8})
+    with pytest.raises(ValueError, match=r"rank\['multiple_of'\]"):
+        tt_conv.parse_rank({"flops": 0.3, "global": True, "multiple_of": 0})

@@ -42,6 +42,18 @@ def check_min_rank(min_rank) -> int:
     return min_rank
 
 
+def check_multiple_of(multiple_of, argument: str = "multiple_of"):
+    """Return ``multiple_of`` if it is ``"auto"`` or a positive int, else raise naming
+    ``argument``."""
+    if multiple_of == "auto":
+        return multiple_of
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(
+            f"{argument} must be 'auto' or a positive int (1: ranks as they are), got "
+            f"{multiple_of!r}")
+    return multiple_of
+
+
 def check_rank_value(rank) -> None:
     """Raise unless ``rank`` is a positive int, a tuple of positive ints or a float in (0, 1]."""
     if isinstance(rank, bool):

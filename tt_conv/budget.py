@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import check_factorization, check_fraction, check_min_rank
+from ._checks import check_factorization, check_fraction, check_min_rank, check_multiple_of
 from ._geometry import conv_flops, output_size, padding_pairs
 from .layers import FactorizedConv
 from .layers.base import conv_geometry, has_unit_spatial_axis
@@ -41,6 +41,8 @@ from .rank import (
     ranks_from_spectra,
     ranks_within,
     resolve_rank,
+    round_rank,
+    rounded_ranks,
     tail_rank,
     unfolding_spectra,
 )
@@ -205,6 +207,7 @@ class InfeasibleBudget(ValueError):
 
 def shared_energy_allocation(
     layers: Sequence[GlobalLayer], fraction: float, metric: str = "params", min_rank: int = 1,
+    multiple_of: Union[int, str] = 1,
 ) -> Tuple[float, Dict[str, Allocation]]:
     """The largest energy fraction ``e`` shared by all layers keeping their total cost within
     ``fraction`` of their dense cost, found by bisection, and each layer's allocation.
@@ -214,6 +217,13 @@ def shared_energy_allocation(
     (then its ranks are None): what layers that cannot shrink (depthwise, tiny) do not give
     is taken from the others, and the total never exceeds the target.
 
+    With ``multiple_of`` other than 1 (an int, or ``"auto"``: see
+    :func:`tt_conv.rank.hardware_multiple`) each layer's ranks at ``e`` are rounded to the
+    nearest multiple (:func:`tt_conv.rank.rounded_ranks`, at least ``min_rank``), unless the
+    rounded ones would not shrink the layer; the bisection then spreads the budget over
+    rounded ranks, so the total still never exceeds the target. CP ranks grown into budget
+    left over (below) are not rounded.
+
     Raises
     ------
     ValueError
@@ -221,6 +231,7 @@ def shared_energy_allocation(
     """
     check_fraction(fraction, "fraction")
     check_min_rank(min_rank)
+    check_multiple_of(multiple_of)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     target = fraction * sum(layer.dense_cost for layer in layers)
@@ -230,6 +241,12 @@ def shared_energy_allocation(
         prepared.append((layer, spectra, group_dims(layer.kernel, layer.conv.groups)))
     costs: Dict[Tuple[int, Tuple[int, ...]], int] = {}
 
+    def price(i, layer, ranks):
+        if (i, ranks) not in costs:
+            costs[i, ranks] = layer_cost(layer.conv, layer.factorization, ranks, metric,
+                                         layer.input_shape)
+        return costs[i, ranks]
+
     def allocation(energy) -> Tuple[int, Dict[str, Allocation]]:
         total, chosen = 0, {}
         for i, (layer, spectra, dims) in enumerate(prepared):
@@ -238,10 +255,12 @@ def shared_energy_allocation(
                 return max(min_rank, tail_rank(s, tail))
 
             ranks = ranks_from_spectra(layer.factorization, dims, spectra, rank_of)
-            if (i, ranks) not in costs:
-                costs[i, ranks] = layer_cost(layer.conv, layer.factorization, ranks, metric,
-                                             layer.input_shape)
-            cost = costs[i, ranks]
+            if multiple_of != 1:
+                rounded = rounded_ranks(layer.factorization, dims,
+                                        [max(min_rank, r) for r in ranks], multiple_of)
+                if price(i, layer, rounded) < layer.dense_cost:
+                    ranks = rounded
+            cost = price(i, layer, ranks)
             if cost >= layer.dense_cost:
                 total += layer.dense_cost
                 chosen[layer.name] = Allocation(layer.factorization, None, layer.dense_cost)
@@ -279,7 +298,54 @@ def shared_energy_allocation(
             lo, best = mid, (mid, choice)
         else:
             hi = mid
+    if multiple_of != 1 and metric != "latency":
+        best = best[0], _filled(prepared, best[1], target, multiple_of, price)
     return best
+
+
+def _filled(prepared, choice: Dict[str, Allocation], target: float,
+            multiple_of: Union[int, str], price) -> Dict[str, Allocation]:
+    """``choice`` with what rounding left of the budget spent, as the shared threshold
+    would: one rank at a time raised to its next rounded value, always the one whose
+    unfolding keeps the least of its energy, while the total fits ``target``.
+
+    Rounded ranks move in steps of 8 or 16, so with few layers the threshold can stop well
+    short of the target (CREPE's six convolutions at 0.313 of a 0.33 FLOP budget).
+    Parameter and FLOP budgets only: a latency would be measured for every trial.
+    """
+    choice = dict(choice)
+    total = sum(a.cost for a in choice.values())
+
+    def kept(spectra, factorization, u, rank):
+        """The least fraction of energy the unfoldings that rank ``u`` sets keep."""
+        unfoldings = range(len(spectra[0])) if factorization == "cp" else (u,)
+        return min(float((group[v][:rank].astype(float) ** 2).sum())
+                   / (float((group[v].astype(float) ** 2).sum()) or 1.0)
+                   for group in spectra for v in unfoldings)
+
+    while True:
+        best = None
+        for i, (layer, spectra, dims) in enumerate(prepared):
+            held = choice[layer.name]
+            if held.ranks is None:
+                continue
+            for u, r in enumerate(held.ranks):
+                raised = list(held.ranks)
+                raised[u] = next(v for v in range(r + 1, r + 40)
+                                 if round_rank(v, multiple_of) == v)
+                ranks = rounded_ranks(layer.factorization, dims, raised, 1)
+                now = kept(spectra, layer.factorization, u, r)
+                if (ranks == held.ranks or (best is not None and now >= best[0])
+                        or kept(spectra, layer.factorization, u, ranks[u]) <= now):
+                    continue
+                cost = price(i, layer, ranks)
+                if cost < layer.dense_cost and total - held.cost + cost <= target:
+                    best = (now, layer.name, Allocation(layer.factorization, ranks, cost))
+        if best is None:
+            return choice
+        _, name, allocation = best
+        total += allocation.cost - choice[name].cost
+        choice[name] = allocation
 
 
 def _grown_cp(prepared, choice: Dict[str, Allocation], target: float,

@@ -142,7 +142,10 @@ def compress(
           threshold shared by all layers (each unfolding keeps that fraction of its
           spectral energy), the largest that fits, found by bisection; where every
           unfolding is kept whole and budget is left, CP ranks (which can exceed the
-          unfoldings' ranks) grow by one common factor into it;
+          unfoldings' ranks) grow by one common factor into it. The ranks of FLOP (and
+          latency) budgets are rounded to multiples of 8 (from 12) or 16 (from 40), which
+          convolution kernels run fastest (:func:`tt_conv.rank.hardware_multiple`);
+          ``"multiple_of": m`` rounds to multiples of ``m`` instead, 1 keeps them exact;
         * ``"evbmf"`` or ``{"evbmf": w}``: EVBMF ranks (:func:`tt_conv.rank.evbmf_rank`),
           weakened by ``w`` in [0, 1] (1 = plain EVBMF);
         * ``{"energy": e}``: the smallest ranks keeping ``e`` of the spectral energy of every
@@ -150,7 +153,7 @@ def compress(
           for TT);
         * an int or tuple: explicit ranks (clipped to the kernel).
 
-        Dicts accept ``"min_rank"`` too. See :mod:`tt_conv.rank` for the conventions.
+        Dicts accept ``"min_rank"`` too, global budgets ``"multiple_of"``. See :mod:`tt_conv.rank` for the conventions.
     include, exclude : str or list of str, optional
         Module-name patterns (:mod:`fnmatch` globs; a plain name also covers the modules
         inside it). Only convolutions matching ``include`` (all by default) and not
@@ -597,7 +600,8 @@ def plan_global_budget(jobs: Sequence[Union[LayerJob, ConvEntry]],
                           "tucker" if job.factorization == "auto" else job.factorization,
                           job.kernel, job.dense_cost, job.input_shape) for job in under]
     energy, allocation = shared_energy_allocation(
-        layers, spec.value if fraction is None else fraction, spec.metric, spec.min_rank)
+        layers, spec.value if fraction is None else fraction, spec.metric, spec.min_rank,
+        spec.rank_multiple)
     allocation = dict(allocation)
     allocation["__energy__"] = energy  # type: ignore[assignment]
     return allocation

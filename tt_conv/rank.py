@@ -26,6 +26,8 @@ Ways to choose ranks:
 Every data-driven rank is clipped to what the kernel allows (a single input channel gives
 ``r_in = 1``, a 1x1 kernel caps the TT's spatial bonds, a minimum rank above a dimension
 becomes that dimension), so the result can always be used as it is.
+:func:`rounded_ranks` rounds ranks to the channel multiples convolution kernels run fastest
+(global FLOP and latency budgets do so by default).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from ._checks import (
     check_finite,
     check_fraction,
     check_min_rank,
+    check_multiple_of,
     check_rank_value,
 )
 
@@ -313,6 +316,36 @@ def ranks_from_spectra(factorization, dims, spectra, rank_of_spectrum) -> Tuple[
         max(rank_of_spectrum(group[u], u) for group in spectra) for u in range(n_unfoldings)
     ]
     return _combine(factorization, dims, per_unfolding)
+
+
+def hardware_multiple(rank: int) -> int:
+    """The multiple ``multiple_of="auto"`` rounds a rank to: 1 (as is) below 12, 8 from 12
+    and 16 from 40, so a rank moves by at most a third and by at most a fifth from 20 on.
+
+    Convolution kernels block channels by 8 or 16 (AVX2 and AVX-512 vectors, oneDNN's
+    blocked layouts, AMX tiles, tensor cores), so a stage of 66 channels costs about what
+    one of 80 does, and one of 64 less than one of 62 (``benchmarks/model_speed.py``
+    compares whole models with and without rounding).
+    """
+    if rank < 12:
+        return 1
+    return 8 if rank < 40 else 16
+
+
+def round_rank(rank: int, multiple_of: Union[int, str] = "auto") -> int:
+    """``rank`` rounded to the nearest positive multiple of ``multiple_of`` (ties upward),
+    or of :func:`hardware_multiple` for ``"auto"``; 1 leaves it as it is."""
+    multiple = hardware_multiple(rank) if multiple_of == "auto" else check_multiple_of(multiple_of)
+    if multiple <= 1:
+        return int(rank)
+    return max(multiple, multiple * int(math.floor(rank / multiple + 0.5)))
+
+
+def rounded_ranks(factorization: str, dims: Sequence[int], ranks: Sequence[int],
+                  multiple_of: Union[int, str] = "auto") -> Tuple[int, ...]:
+    """Ranks in ``factorization``'s convention each rounded by :func:`round_rank`, then
+    clipped to what the kernel allows."""
+    return _combine(factorization, dims, [round_rank(r, multiple_of) for r in ranks])
 
 
 def group_dims(weight, groups: int) -> Tuple[int, ...]:

@@ -5,11 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ._checks import FACTORIZATIONS, check_fraction, check_min_rank, check_rank_value
+from ._checks import (
+    FACTORIZATIONS,
+    check_fraction,
+    check_min_rank,
+    check_multiple_of,
+    check_rank_value,
+)
 
 FACTORIZATION_CHOICES = (*FACTORIZATIONS, "auto")
 SELECTORS = ("params", "flops", "latency", "evbmf", "energy", "error")
-MODIFIERS = ("min_rank", "global")
+MODIFIERS = ("min_rank", "global", "multiple_of")
 
 
 @dataclass(frozen=True)
@@ -28,12 +34,26 @@ class RankSpec:
         per layer (always true for ``latency``: it is the whole model's).
     min_rank : int
         Lower bound on every data-driven rank.
+    multiple_of : int or "auto"
+        What a global budget rounds its ranks to (:func:`tt_conv.rank.rounded_ranks`):
+        ``"auto"`` (the default) rounds those of FLOP and latency budgets, whose point is
+        speed, to multiples of 8 or 16 (:func:`tt_conv.rank.hardware_multiple`) and leaves
+        a parameter budget's exact; an int rounds to its multiples (1: never).
     """
 
     kind: str
     value: Any
     global_budget: bool = False
     min_rank: int = 1
+    multiple_of: Any = "auto"
+
+    @property
+    def rank_multiple(self):
+        """The ``multiple_of`` a global budget's allocation uses: 1 (exact ranks), an int,
+        or ``"auto"``."""
+        if self.multiple_of == "auto":
+            return "auto" if self.kind in ("flops", "latency") else 1
+        return self.multiple_of
 
     @property
     def is_budget(self) -> bool:
@@ -68,6 +88,8 @@ class RankSpec:
             text += " over all selected convolutions (global)"
         if self.min_rank > 1:
             text += f", min rank {self.min_rank}"
+        if self.multiple_of != "auto" and self.multiple_of > 1:
+            text += f", ranks multiples of {self.multiple_of}"
         return text
 
 
@@ -116,6 +138,11 @@ def parse_rank(rank) -> RankSpec:
             )
         if kind == "latency":
             global_budget = True  # a fraction of the whole model's latency
+        multiple_of = check_multiple_of(rank.get("multiple_of", "auto"), "rank['multiple_of']")
+        if "multiple_of" in keys and not global_budget:
+            raise ValueError(
+                "rank['multiple_of'] rounds the ranks of a global budget ('global': True, or "
+                f"'latency'); got it with {kind!r} alone")
         if kind == "evbmf":
             value = 1.0 if value is True else value
             check_fraction(value, "rank['evbmf'] (the weakening factor)", allow_zero=True)
@@ -123,7 +150,7 @@ def parse_rank(rank) -> RankSpec:
             check_fraction(value, "rank['error']", allow_zero=True)
         else:
             check_fraction(value, f"rank[{kind!r}]")
-        return RankSpec(kind, float(value), global_budget, min_rank)
+        return RankSpec(kind, float(value), global_budget, min_rank, multiple_of)
     try:
         values = tuple(rank)
     except TypeError:

@@ -231,16 +231,26 @@ def planned_ranks(job: LayerJob, allocation: Optional[Allocation]
 
 
 def _decomposed(job: LayerJob, factorization: str, ranks, implementation: str,
-                options: Dict[str, Dict[str, Any]], weighting=None) -> Candidate:
+                options: Dict[str, Dict[str, Any]], weighting=None,
+                structure_only: bool = False) -> Candidate:
+    """A candidate layer: ``job``'s kernel decomposed at ``ranks``; with ``structure_only``
+    a layer of that structure with its initial weights instead (no decomposition, kernel
+    error NaN), for a latency budget's trial allocations, whose measured time does not
+    depend on the weights."""
     source = job.conv
     if weighting is not None:
         root, _, scales = weighting
         source = calibrate.weighted_conv(job.conv, root, scales)
-    layer = FactorizedConv.from_conv(
-        source, factorization=factorization, rank=tuple(ranks),
-        implementation="factorized" if job.spec.kind == "flops" else implementation,
-        **options.get(factorization, {}),
-    )
+    execution = "factorized" if job.spec.kind == "flops" else implementation
+    if structure_only:
+        geometry, kernel, bias = conv_geometry(job.conv)
+        layer = FactorizedConv.class_for(factorization)(
+            **geometry, bias=bias is not None, rank=tuple(ranks), implementation=execution,
+            device=kernel.device, dtype=kernel.dtype)
+    else:
+        layer = FactorizedConv.from_conv(source, factorization=factorization,
+                                         rank=tuple(ranks), implementation=execution,
+                                         **options.get(factorization, {}))
     latency = None
     if job.input_shape is not None and (job.spec.metric == "latency" or (
             implementation == "auto" and job.spec.kind != "flops")):
@@ -261,7 +271,8 @@ def _decomposed(job: LayerJob, factorization: str, ranks, implementation: str,
         factorization=factorization, ranks=tuple(layer.rank), layer=layer,
         params=count_parameters(layer),
         flops=None if job.input_shape is None else layer.flops(job.input_shape),
-        kernel_error=relative_error(layer.reconstruct_kernel(), job.kernel),
+        kernel_error=(math.nan if structure_only else
+                      relative_error(layer.reconstruct_kernel(), job.kernel)),
         fit="kernel" if weighting is None else "data", latency=latency,
     )
 
@@ -330,8 +341,13 @@ def _ms(seconds: Optional[float]) -> str:
 
 def factorize_layer(job: LayerJob, allocation: Optional[Allocation], *, implementation: str,
                     options: Dict[str, Dict[str, Any]], strict: bool = False,
-                    data: Optional[LayerData] = None) -> LayerOutcome:
+                    data: Optional[LayerData] = None,
+                    structure_only: bool = False) -> LayerOutcome:
     """Factorize one layer (see the module docstring).
+
+    ``structure_only`` (one factorization, no data) builds the chosen layer without
+    decomposing its kernel: the same structure, ranks and execution, initial weights and a
+    NaN kernel error, for a latency budget's trial allocations.
 
     Raises
     ------
@@ -360,8 +376,11 @@ def factorize_layer(job: LayerJob, allocation: Optional[Allocation], *, implemen
         return dense(f"left dense: {reason}", over_budget=allocation is None)
     candidates: List[Candidate] = []
     kernel_fits: Dict[str, Candidate] = {}
+    if structure_only and (data is not None or len(plans) > 1):
+        raise ValueError("structure_only builds one factorization without data")
     for factorization, ranks in plans:
-        kernel_fit = _decomposed(job, factorization, ranks, implementation, options)
+        kernel_fit = _decomposed(job, factorization, ranks, implementation, options,
+                                 structure_only=structure_only)
         kernel_fits[factorization] = kernel_fit
         candidates.append(kernel_fit)
         if data is not None and data.weighting is not None:

@@ -236,7 +236,8 @@ def main(argv=None):
                         model, factorization, TARGETS[target], progress=False,
                         calibration=calibration if n_calibration else None,
                         fit="data" if n_calibration else "kernel",
-                        input_shape=FRAME_SHAPE if "flops" in TARGETS[target] else None)
+                        input_shape=FRAME_SHAPE if isinstance(TARGETS[target], dict)
+                        and "flops" in TARGETS[target] else None)
                 seconds = time.perf_counter() - start
                 accuracy, median, nan = evaluate(compressed, frames, f0)
                 after = conv_parameters(compressed)

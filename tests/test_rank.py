@@ -408,3 +408,18 @@ def test_a_parameter_budget_keeps_exact_ranks_unless_asked():
         tt_conv.parse_rank({"flops": 0.3, "multiple_of": 8})
     with pytest.raises(ValueError, match=r"rank\['multiple_of'\]"):
         tt_conv.parse_rank({"flops": 0.3, "global": True, "multiple_of": 0})
+
+
+def test_the_fill_steps_to_the_next_multiple_of_any_size():
+    # The fill raises a rank to the next value rounding leaves as it is (40 is not one: it
+    # rounds to 48, though 36-39 round to it), multiples larger than any step of the
+    # automatic rule included.
+    assert [R.next_rounded_rank(r) for r in (5, 11, 12, 16, 39, 40, 48)] == \
+        [6, 16, 16, 24, 48, 48, 64]
+    assert R.next_rounded_rank(64, 64) == 128 and R.next_rounded_rank(3, 64) == 64
+    # Multiples of 48: the fill steps a rank of 48 to 96 (it once looked 39 ranks ahead).
+    _, report = tt_conv.compress(_wide_cnn(), "tucker",
+                                 {"flops": 0.7, "global": True, "multiple_of": 48},
+                                 input_shape=(1, 3, 16, 16), progress=False)
+    assert report.conv_flops_after <= 0.7 * report.conv_flops_before
+    assert any(96 in row.ranks for row in report.layers if row.ranks)

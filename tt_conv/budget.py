@@ -27,6 +27,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from ._checks import check_factorization, check_fraction, check_min_rank, check_multiple_of
@@ -41,7 +42,7 @@ from .rank import (
     ranks_from_spectra,
     ranks_within,
     resolve_rank,
-    round_rank,
+    next_rounded_rank,
     rounded_ranks,
     tail_rank,
     unfolding_spectra,
@@ -275,7 +276,10 @@ def shared_energy_allocation(
         def amount(value) -> str:  # seconds are shown in ms, counts as counts
             return f"{value * 1e3:.4g} ms" if metric == "latency" else f"{value:,.0f}"
 
-        floor = (f"what rank {min_rank} everywhere allows ({amount(low_total)}"
+        # "auto" leaves ranks below 12 as they are: its floor is rank min_rank itself.
+        rounding = ("" if multiple_of in (1, "auto") else
+                    f" rounded to multiples ('multiple_of': {multiple_of!r}; 1 keeps them exact)")
+        floor = (f"what rank {min_rank} everywhere{rounding} allows ({amount(low_total)}"
                  + (f", of which {len(dense)} "
                     + ("layer that cannot shrink keeps " if len(dense) == 1 else
                        "layers that cannot shrink keep ")
@@ -309,34 +313,44 @@ def _filled(prepared, choice: Dict[str, Allocation], target: float,
     would: one rank at a time raised to its next rounded value, always the one whose
     unfolding keeps the least of its energy, while the total fits ``target``.
 
-    Rounded ranks move in steps of 8 or 16, so with few layers the threshold can stop well
-    short of the target (CREPE's six convolutions at 0.313 of a 0.33 FLOP budget).
-    Parameter and FLOP budgets only: a latency would be measured for every trial.
+    Rounded ranks move in steps of 8 or 16, so with few layers the threshold alone can stop
+    well short of the target. Parameter and FLOP budgets only: a latency would be measured
+    for every trial.
     """
     choice = dict(choice)
     total = sum(a.cost for a in choice.values())
+    # kept_energy[i][g][v][r]: the fraction of unfolding v's energy (group g, layer i) that
+    # its first r singular values hold, once for the whole fill.
+    kept_energy = []
+    for _, spectra, _ in prepared:
+        layer_kept = []
+        for group in spectra:
+            fractions = []
+            for values in group:
+                squares = np.concatenate([[0.0], np.cumsum(values.astype(float) ** 2)])
+                fractions.append(squares / (squares[-1] or 1.0))
+            layer_kept.append(fractions)
+        kept_energy.append(layer_kept)
 
-    def kept(spectra, factorization, u, rank):
+    def kept(i, factorization, u, rank):
         """The least fraction of energy the unfoldings that rank ``u`` sets keep."""
-        unfoldings = range(len(spectra[0])) if factorization == "cp" else (u,)
-        return min(float((group[v][:rank].astype(float) ** 2).sum())
-                   / (float((group[v].astype(float) ** 2).sum()) or 1.0)
-                   for group in spectra for v in unfoldings)
+        groups = kept_energy[i]
+        unfoldings = range(len(groups[0])) if factorization == "cp" else (u,)
+        return min(float(g[v][min(rank, len(g[v]) - 1)]) for g in groups for v in unfoldings)
 
     while True:
         best = None
-        for i, (layer, spectra, dims) in enumerate(prepared):
+        for i, (layer, _, dims) in enumerate(prepared):
             held = choice[layer.name]
             if held.ranks is None:
                 continue
             for u, r in enumerate(held.ranks):
                 raised = list(held.ranks)
-                raised[u] = next(v for v in range(r + 1, r + 40)
-                                 if round_rank(v, multiple_of) == v)
+                raised[u] = next_rounded_rank(r, multiple_of)
                 ranks = rounded_ranks(layer.factorization, dims, raised, 1)
-                now = kept(spectra, layer.factorization, u, r)
+                now = kept(i, layer.factorization, u, r)
                 if (ranks == held.ranks or (best is not None and now >= best[0])
-                        or kept(spectra, layer.factorization, u, ranks[u]) <= now):
+                        or kept(i, layer.factorization, u, ranks[u]) <= now):
                     continue
                 cost = price(i, layer, ranks)
                 if cost < layer.dense_cost and total - held.cost + cost <= target:
@@ -608,9 +622,8 @@ def conv_latency(conv, factorization: Optional[str], ranks, input_shape: Sequenc
             module = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)[kernel.dim() - 3](
                 **geometry, bias=bias is not None, **options)
         else:
-            module = FactorizedConv.class_for(factorization)(
-                **geometry, bias=bias is not None, rank=tuple(ranks),
-                implementation=implementation, **options)
+            module = FactorizedConv.shaped_like(conv, factorization, rank=tuple(ranks),
+                                                implementation=implementation)
         # Under autocast a layer inside the model receives activations already cast (the
         # layer before returned them in the autocast dtype): timing it on float32 inputs
         # would count a cast of its input that the model does not run.

@@ -243,10 +243,8 @@ def _decomposed(job: LayerJob, factorization: str, ranks, implementation: str,
         source = calibrate.weighted_conv(job.conv, root, scales)
     execution = "factorized" if job.spec.kind == "flops" else implementation
     if structure_only:
-        geometry, kernel, bias = conv_geometry(job.conv)
-        layer = FactorizedConv.class_for(factorization)(
-            **geometry, bias=bias is not None, rank=tuple(ranks), implementation=execution,
-            device=kernel.device, dtype=kernel.dtype)
+        layer = FactorizedConv.shaped_like(job.conv, factorization, rank=tuple(ranks),
+                                           implementation=execution)
     else:
         layer = FactorizedConv.from_conv(source, factorization=factorization,
                                          rank=tuple(ranks), implementation=execution,

@@ -323,8 +323,8 @@ def hardware_multiple(rank: int) -> int:
     and 16 from 40, so a rank moves by at most a third and by at most a fifth from 20 on.
 
     Convolution kernels block channels by 8 or 16 (AVX2 and AVX-512 vectors, oneDNN's
-    blocked layouts, AMX tiles, tensor cores), so a stage of 66 channels costs about what
-    one of 80 does, and one of 64 less than one of 62 (``benchmarks/model_speed.py``
+    blocked layouts, AMX tiles, tensor cores), so a stage of 66 channels runs the blocks of
+    80 with the last one mostly padding (``benchmarks/model_speed.py --exact-ranks-too``
     compares whole models with and without rounding).
     """
     if rank < 12:
@@ -339,6 +339,14 @@ def round_rank(rank: int, multiple_of: Union[int, str] = "auto") -> int:
     if multiple <= 1:
         return int(rank)
     return max(multiple, multiple * int(math.floor(rank / multiple + 0.5)))
+
+
+def next_rounded_rank(rank: int, multiple_of: Union[int, str] = "auto") -> int:
+    """The smallest rank above ``rank`` that :func:`round_rank` leaves as it is."""
+    candidate = int(rank) + 1
+    while round_rank(candidate, multiple_of) != candidate:
+        candidate += 1
+    return candidate
 
 
 def rounded_ranks(factorization: str, dims: Sequence[int], ranks: Sequence[int],

@@ -798,6 +798,17 @@ class FactorizedConv(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
+    def shaped_like(cls, conv: nn.Module, factorization: Optional[str] = None, rank=0.25,
+                    implementation: str = "auto") -> "FactorizedConv":
+        """A layer of ``conv``'s geometry (and bias, device, dtype) at ``rank``, with its
+        initial weights: what :meth:`from_conv` then decomposes ``conv``'s kernel into, and
+        what a measured time needs (it does not depend on the weights)."""
+        target = cls if cls is not FactorizedConv else FactorizedConv.class_for(factorization)
+        geometry, kernel, bias = conv_geometry(conv)
+        return target(**geometry, bias=bias is not None, rank=rank,
+                      implementation=implementation, device=kernel.device, dtype=kernel.dtype)
+
+    @classmethod
     def from_conv(
         cls,
         conv: nn.Module,
@@ -849,11 +860,8 @@ class FactorizedConv(nn.Module):
                     f"factorization={factorization!r}"
                 )
             target = cls
-        geometry, kernel, bias = conv_geometry(conv)
-        layer = target(
-            **geometry, bias=bias is not None, rank=rank, implementation=implementation,
-            device=kernel.device, dtype=kernel.dtype,
-        )
+        layer = target.shaped_like(conv, rank=rank, implementation=implementation)
+        _, kernel, bias = conv_geometry(conv)
         layer.init_from_kernel(kernel.detach(), **options)
         if bias is not None:
             with torch.no_grad():

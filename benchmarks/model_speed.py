@@ -33,7 +33,11 @@ multiples of 8 or 16 that convolution kernels run fastest, and times them alongs
 the ones compressed from it run without them alike. ``--retain-freed-memory`` first calls
 :func:`tt_conv.retain_freed_memory`, so that no model page-faults its activations in on
 every pass (glibc's default returns them to the system: a fixed cost per pass that does
-not shrink with the FLOPs).
+not shrink with the FLOPs). ``--compile`` runs every model, the dense one too, through
+``torch.compile`` (inductor, with its weight freezing, which folds the batch norms and
+prepacks the weights): the batch norms, activations and additions that bound an eager
+model's speed-up are fused, as a compiled deployment would have them. The table then
+also gives each model's compile time and its largest difference from the eager model.
 """
 
 from __future__ import annotations
@@ -148,6 +152,9 @@ def main(argv=None) -> dict:
                              "share of its time in convolutions, batch norms, copies (casts "
                              "of the weights under autocast) and the rest: what bounds the "
                              "speed-up of a model whose convolutions alone get faster")
+    parser.add_argument("--compile", action="store_true",
+                        help="time every model (dense too) compiled by torch.compile "
+                             "(inductor, weights frozen), not eager")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per round")
     parser.add_argument("--threads", type=int, default=2)
@@ -195,13 +202,31 @@ def main(argv=None) -> dict:
         models[label] = model
     for name in models:
         models[name] = models[name].to(device).to(memory_format=torch.channels_last)
+    eager = dict(models)
+    if args.compile:
+        # Freezing treats the weights as constants: batch norms fold into the convolutions
+        # and the weights are prepacked once, for the dense model and the compressed alike.
+        import torch._dynamo.config as dynamo_config
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = True
+        # The models share one forward's code (every compressed ResNet is a ResNet), whose
+        # compiled graphs count against one recompile limit: past it, dynamo would run the
+        # rest eagerly without a word. Each (precision, batch) compiles afresh, and an
+        # exhausted limit is an error.
+        dynamo_config.fail_on_recompile_limit_hit = True
 
     rows = []
+    compiled = []
     for precision in args.precisions:
         for batch in args.batches:
             x = torch.randn(batch, 3, args.size, args.size, device=device)
             x = x.contiguous(memory_format=torch.channels_last)
             samples = {name: [] for name in models}
+            if args.compile:
+                torch._dynamo.reset()
+                models = {name: torch.compile(model, dynamic=False)
+                          for name, model in eager.items()}
+                compiled += compile_for(models, eager, x, precision, batch)
             for _ in range(args.rounds):
                 for name, model in models.items():
                     samples[name].append(time_forward(model, x, precision, args.repeats))
@@ -212,14 +237,15 @@ def main(argv=None) -> dict:
                              "ms": seconds * 1e3, "speedup": dense_s / seconds})
                 print(f"{precision} batch {batch} {name:12s} {seconds * 1e3:9.1f} ms  "
                       f"{dense_s / seconds:5.2f}x", flush=True)
-    shares = op_shares(models["dense"], args, device) if args.op_shares else []
+    shares = op_shares(eager["dense"], args, device) if args.op_shares else []
     results = {"machine": machine_description() if device.type == "cpu"
                else torch.cuda.get_device_name(device),
                "threads": args.threads, "torch": torch.__version__, "rank": rank,
                "model": args.model, "compress_shape": list(shape),
                "size": args.size, "implementation": args.implementation,
                "autocast": args.autocast, "fold_batch_norms": args.fold_batch_norms,
-               "exact_ranks_too": args.exact_ranks_too,
+               "exact_ranks_too": args.exact_ranks_too, "compile": args.compile,
+               "compiled": compiled,
                "retain_freed_memory": args.retain_freed_memory,
                "compress_seconds": compress_seconds, "refused": refused, "rows": rows,
                "op_shares": shares}
@@ -230,6 +256,23 @@ def main(argv=None) -> dict:
     if args.markdown:
         write_text_atomic(args.markdown, text + "\n")
     return results
+
+
+def compile_for(models, eager, x, precision: str, batch: int) -> list:
+    """Compile every model for this input and precision; seconds and deviation from eager."""
+    out = []
+    with torch.inference_mode(), precision_context(precision, x.device.type):
+        for name, model in models.items():
+            start = time.perf_counter()
+            y = model(x)
+            seconds = time.perf_counter() - start
+            reference = eager[name](x).float()
+            deviation = float((y.float() - reference).abs().max() / reference.abs().max())
+            out.append({"precision": precision, "batch": batch, "model": name,
+                        "compile_s": seconds, "deviation": deviation})
+            print(f"{precision} batch {batch} {name}: compiled in {seconds:.1f} s, largest "
+                  f"difference from eager {deviation:.1e} of its largest output", flush=True)
+    return out
 
 
 #: Profiler events by what they are, for --op-shares (self CPU time).
@@ -283,6 +326,8 @@ def format_table(results) -> str:
                 if results.get("retain_freed_memory") else "")
              + (", 'exact': compressed with \"multiple_of\": 1 (ranks not rounded)"
                 if results.get("exact_ranks_too") else "")
+             + (", every model (dense too) compiled by torch.compile (inductor, weights "
+                "frozen)" if results.get("compile") else "")
              + f" ({results['machine']}, "
              f"{results['threads']} threads, torch {results['torch']})", "",
              "| precision | batch | model | ms per batch | speed-up over dense |",
@@ -290,6 +335,12 @@ def format_table(results) -> str:
     for row in results["rows"]:
         lines.append(f"| {row['precision']} | {row['batch']} | {row['model']} | "
                      f"{row['ms']:.1f} | {row['speedup']:.2f}x |")
+    if results.get("compiled"):
+        lines += ["", "| precision | batch | model | compile s | largest difference from eager |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {row['precision']} | {row['batch']} | {row['model']} | "
+                  f"{row['compile_s']:.1f} | {row['deviation']:.1e} |"
+                  for row in results["compiled"]]
     for factorization, error in results.get("refused", {}).items():
         lines.append(f"\n{factorization}: not compressed: {error}")
     if results.get("op_shares"):

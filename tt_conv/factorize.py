@@ -339,13 +339,15 @@ def _ms(seconds: Optional[float]) -> str:
 
 def factorize_layer(job: LayerJob, allocation: Optional[Allocation], *, implementation: str,
                     options: Dict[str, Dict[str, Any]], strict: bool = False,
-                    data: Optional[LayerData] = None,
-                    structure_only: bool = False) -> LayerOutcome:
+                    data: Optional[LayerData] = None, structure_only: bool = False,
+                    allocated_only: bool = False) -> LayerOutcome:
     """Factorize one layer (see the module docstring).
 
-    ``structure_only`` (one factorization, no data) builds the chosen layer without
-    decomposing its kernel: the same structure, ranks and execution, initial weights and a
-    NaN kernel error, for a latency budget's trial allocations.
+    ``allocated_only`` builds only the factorization a global budget's allocation priced,
+    at its ranks (under ``"auto"``, the Tucker stand-in whose cost is the layer's share, not
+    every factorization). ``structure_only`` (no data; implies ``allocated_only``) builds
+    that layer without decomposing its kernel: the same structure, ranks and execution,
+    initial weights and a NaN kernel error, for a latency budget's trial allocations.
 
     Raises
     ------
@@ -374,6 +376,8 @@ def factorize_layer(job: LayerJob, allocation: Optional[Allocation], *, implemen
         return dense(f"left dense: {reason}", over_budget=allocation is None)
     candidates: List[Candidate] = []
     kernel_fits: Dict[str, Candidate] = {}
+    if (allocated_only or structure_only) and allocation is not None and len(plans) > 1:
+        plans = [(allocation.factorization, allocation.ranks)]
     if structure_only and (data is not None or len(plans) > 1):
         raise ValueError("structure_only builds one factorization without data")
     for factorization, ranks in plans:

@@ -654,7 +654,7 @@ class LatencyPlan:
         self.notes.append(
             f"auto: {chosen} layer(s) measured as Tucker took another factorization of less "
             f"kernel error; measured again at {ratio:.3g} of dense, "
-            + ("kept" if held else f"over the target: those layers were rebuilt as measured"))
+            + ("kept" if held else "over the target: those layers were rebuilt as measured"))
         return held
 
     def infeasible(self, error: InfeasibleBudget) -> ValueError:

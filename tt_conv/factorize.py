@@ -190,12 +190,15 @@ def _auto_fraction(job: LayerJob, allocation: Optional[Allocation]) -> float:
     return _rank.n_factor_parameters("tucker", job.group_dims, tucker) / math.prod(job.group_dims)
 
 
-def planned_ranks(job: LayerJob, allocation: Optional[Allocation]
+def planned_ranks(job: LayerJob, allocation: Optional[Allocation],
+                  allocated_only: bool = False
                   ) -> Tuple[List[Tuple[str, Tuple[int, ...]]], str]:
-    """``[(factorization, ranks), ...]`` to try, and a note; raises :class:`LeftDense`."""
+    """``[(factorization, ranks), ...]`` to try, and a note; raises :class:`LeftDense`.
+    With ``allocated_only`` an allocated ``"auto"`` layer tries only the factorization its
+    allocation priced (see :func:`factorize_layer`)."""
     if allocation is not None and allocation.ranks is None:
         raise LeftDense("the shared global threshold would not shrink it")
-    if job.factorization == "auto":
+    if job.factorization == "auto" and not (allocated_only and allocation is not None):
         fraction = min(1.0, _auto_fraction(job, allocation))
         plans, reasons = [], []
         for factorization in FACTORIZATIONS:
@@ -366,7 +369,7 @@ def factorize_layer(job: LayerJob, allocation: Optional[Allocation], *, implemen
                             over_budget=over_budget)
 
     try:
-        plans, note = planned_ranks(job, allocation)
+        plans, note = planned_ranks(job, allocation, allocated_only or structure_only)
     except LeftDense as reason:
         if strict:
             raise ValueError(
@@ -376,8 +379,6 @@ def factorize_layer(job: LayerJob, allocation: Optional[Allocation], *, implemen
         return dense(f"left dense: {reason}", over_budget=allocation is None)
     candidates: List[Candidate] = []
     kernel_fits: Dict[str, Candidate] = {}
-    if (allocated_only or structure_only) and allocation is not None and len(plans) > 1:
-        plans = [(allocation.factorization, allocation.ranks)]
     if structure_only and (data is not None or len(plans) > 1):
         raise ValueError("structure_only builds one factorization without data")
     for factorization, ranks in plans:
